@@ -1,0 +1,227 @@
+"""Plumbing shared by the training commands: distributed setup, LR schedule, logs, progress."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger("atop.train")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(threads: int | None = None) -> DistInfo:
+    """Join the process group if started by torchrun (gloo on CPU, nccl on GPU)."""
+    if threads:
+        torch.set_num_threads(threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return DistInfo(0, 1, device)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), device)
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    if info.world_size == 1:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def sync_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm statistics) everywhere, so replicas end identical."""
+    if info.world_size > 1:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
+def all_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    if info.world_size == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / info.world_size for k, v in zip(values, t, strict=True)}
+
+
+def finish_distributed(info: DistInfo) -> None:
+    if info.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def one_cycle_lr(step: int, total: int, peak: float, warmup: float = 0.05) -> float:
+    """Linear warm-up over ``warmup`` of the run, then cosine decay to zero."""
+    w = max(1, int(total * warmup))
+    if step < w:
+        return peak * (step + 1) / w
+    p = (step - w) / max(1, total - w)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+class RunLog:
+    """Appends one JSON object per line to ``<out>/metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, out: Path, info: DistInfo):
+        self.path = out / "metrics.jsonl"
+        self.enabled = info.main
+        if self.enabled:
+            out.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            record = {"time": round(time.time(), 3), **record}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("%s", " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "time"))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def progress(total: int, initial: int, desc: str, info: DistInfo) -> tqdm:
+    """A progress bar on rank 0; refreshes rarely when the output is a log file."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not info.main,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, split, batch_size: int = 500, limit: int | None = None) -> float:
+    """Top-1 accuracy of ``model`` (callable, [0,1] in, logits out) on a Split."""
+    from training.data import batches
+
+    if limit is not None:
+        split = split.subset(limit)
+    correct = total = 0
+    for x, y in batches(split, batch_size):
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return correct / max(1, total)
+
+
+class Checkpointer:
+    """Decides when to save: every ``every_s`` seconds, and at epoch ends."""
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        if time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            return True
+        return False
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """What ``train_loop`` needs to know about a run."""
+
+    batch_size: int
+    epochs: int
+    seed: int
+    max_steps: int
+    checkpoint_every_s: float
+    desc: str
+
+
+def train_loop(
+    spec: LoopSpec,
+    info: DistInfo,
+    train_split,
+    runlog: RunLog,
+    *,
+    start_step: int,
+    step_fn,
+    epoch_end_fn,
+    save_fn,
+) -> tuple[int, int, dict]:
+    """Run epochs of ``step_fn(x, y, step, total) -> dict of floats`` from ``start_step``.
+
+    The data order of epoch e comes from a generator seeded with (seed, e), so a run resumed
+    mid-epoch replays the same order and skips the batches already done. ``save_fn(step,
+    metrics)`` is called every ``checkpoint_every_s`` and at each epoch end, after
+    ``epoch_end_fn(step, epoch_fraction, train_means) -> metrics`` (evaluation, rank 0).
+    Returns (last step, total steps, last metrics).
+    """
+    from training.data import batches, steps_per_epoch
+
+    spe = steps_per_epoch(train_split, spec.batch_size, info.world_size)
+    if spe == 0:
+        raise ValueError(
+            f"batch size {spec.batch_size} x {info.world_size} replicas exceeds {len(train_split)} images"
+        )
+    total = spe * spec.epochs
+    stop = min(spec.max_steps or total, total)
+    step = start_step
+    bar = progress(stop, min(step, stop), spec.desc, info)
+    saver = Checkpointer(spec.checkpoint_every_s)
+    metrics: dict = {}
+    while step < stop:
+        gen = torch.Generator().manual_seed(spec.seed * 1000 + step // spe)
+        sums: dict[str, float] = {}
+        n = 0
+        it = batches(
+            train_split, spec.batch_size, gen=gen, train=True, rank=info.rank, world_size=info.world_size
+        )
+        for i, (x, y) in enumerate(it):
+            if i < step % spe:  # resuming mid-epoch: replay the order, skip what was done
+                continue
+            if step >= stop:
+                break
+            stats = step_fn(x.to(info.device), y.to(info.device), step, total)
+            step += 1
+            n += 1
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.update(1)
+            bar.set_postfix({k: f"{v / n:.3g}" for k, v in sums.items()}, refresh=False)
+            if saver.due():
+                save_fn(step, None)
+        means = all_mean({k: v / max(n, 1) for k, v in sums.items()}, info)
+        metrics = {"epoch": round(step / spe, 3), "step": step, **epoch_end_fn(step, means)}
+        runlog.write(**metrics)
+        save_fn(step, metrics)
+    bar.close()
+    return step, total, metrics

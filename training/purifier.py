@@ -1,0 +1,148 @@
+"""The purifier g (an inpainting UNet), its PatchGAN discriminator, and the defended pipeline.
+
+g takes the random transform's output: the noisy image with holes and the hole mask (4
+channels) and returns a whole image in [0,1]; it both fills the holes and denoises the rest.
+``width=32`` (~0.6M parameters) is sized for CPU serving; ``width=64`` is the GPU variant.
+
+``DefendedPipeline`` is the deployed unit f(g(t(x))): given the image and one draw of the RT's
+randomness it is deterministic and differentiable end to end, which is what the ONNX export,
+the parity tests and the white-box attacks all need. ``StochasticPipeline`` draws that
+randomness itself, from a ``torch.Generator``, on every call (EOT attacks, evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+from training.transforms import RTSpec, apply_rt, combine_copies, sample_rt
+
+
+@dataclass(frozen=True)
+class PurifierConfig:
+    width: int = 32  # channels at full resolution; 2x and 4x at 1/2 and 1/4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PurifierConfig:
+        return cls(**d)
+
+
+def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation), nn.ReLU(inplace=True)
+    )
+
+
+class UNetPurifier(nn.Module):
+    """Three-level UNet; dilated convolutions at 1/4 resolution give the context to fill holes."""
+
+    def __init__(self, cfg: PurifierConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.enc0 = nn.Sequential(_conv(4, w), _conv(w, w))
+        self.enc1 = nn.Sequential(_conv(w, 2 * w, stride=2), _conv(2 * w, 2 * w))
+        self.mid = nn.Sequential(
+            _conv(2 * w, 4 * w, stride=2), _conv(4 * w, 4 * w, dilation=2), _conv(4 * w, 4 * w, dilation=4)
+        )
+        self.up1 = _conv(4 * w, 2 * w)
+        self.dec1 = _conv(4 * w, 2 * w)
+        self.up0 = _conv(2 * w, w)
+        self.dec0 = _conv(2 * w, w)
+        self.head = nn.Conv2d(w, 3, 3, padding=1)
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        e0 = self.enc0(inp)
+        e1 = self.enc1(e0)
+        m = self.mid(e1)
+        d1 = self.dec1(torch.cat([self.up1(F.interpolate(m, scale_factor=2.0, mode="nearest")), e1], 1))
+        d0 = self.dec0(torch.cat([self.up0(F.interpolate(d1, scale_factor=2.0, mode="nearest")), e0], 1))
+        return torch.sigmoid(self.head(d0))
+
+
+class PatchDiscriminator(nn.Module):
+    """SN-PatchGAN: spectrally normalised convs, one realness score per 8x8 patch grid cell."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        w = width
+        self.net = nn.Sequential(
+            spectral_norm(nn.Conv2d(3, w, 4, 2, 1)),
+            nn.LeakyReLU(0.2, inplace=True),
+            spectral_norm(nn.Conv2d(w, 2 * w, 4, 2, 1)),
+            nn.LeakyReLU(0.2, inplace=True),
+            spectral_norm(nn.Conv2d(2 * w, 4 * w, 3, 1, 1)),
+            nn.LeakyReLU(0.2, inplace=True),
+            spectral_norm(nn.Conv2d(4 * w, 1, 3, 1, 1)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def purify(
+    purifier: nn.Module, x: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor, noise_std: float
+) -> torch.Tensor:
+    """g(t(x)) for one draw (noise, masks): every copy is inpainted in one batched pass."""
+    inp = apply_rt(x, noise, masks, noise_std)  # [B, C, 4, H, W]
+    b, c = inp.shape[:2]
+    restored = purifier(inp.flatten(0, 1)).view(b, c, *x.shape[1:])
+    return combine_copies(restored, masks)
+
+
+class DefendedPipeline(nn.Module):
+    """f(g(t(x))) with the randomness as explicit inputs. Also returns nothing else: logits."""
+
+    def __init__(self, purifier: nn.Module, classifier: nn.Module, spec: RTSpec):
+        super().__init__()
+        self.purifier = purifier
+        self.classifier = classifier
+        self.spec = spec
+        self.noise_std = float(spec.noise_std) if spec.kind != "rt1" else 0.0
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return self.classifier(purify(self.purifier, x, noise, masks, self.noise_std))
+
+
+class StochasticPipeline(nn.Module):
+    """The defense as an attacker sees it: x -> logits, fresh randomness on every call."""
+
+    def __init__(self, pipeline: DefendedPipeline, gen: torch.Generator | None = None):
+        super().__init__()
+        self.pipeline = pipeline
+        self.gen = gen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = sample_rt(self.pipeline.spec, x.shape[0], self.gen, x.device)
+        return self.pipeline(x, s.noise, s.masks)
+
+
+def count_parameters(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def load_purifier(path) -> tuple[UNetPurifier, RTSpec]:
+    """The purifier and its deployed RT spec from a purifier/fine-tune checkpoint, eval mode."""
+    from training.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path)
+    if ck.config.get("kind") != "purifier":
+        raise ValueError(f"{path}: not a purifier checkpoint (kind={ck.config.get('kind')!r})")
+    model = UNetPurifier(PurifierConfig.from_dict(ck.config["model"]))
+    model.load_state_dict(ck.state_dict("purifier"))
+    return model.eval(), RTSpec.from_dict(ck.config["rt"])
+
+
+def load_pipeline(classifier_path, purifier_path, spec: RTSpec | None = None) -> DefendedPipeline:
+    """f∘g∘t from two checkpoints; ``spec`` overrides the purifier's deployed RT spec."""
+    from training.classifier import load_classifier
+
+    purifier, saved = load_purifier(purifier_path)
+    return DefendedPipeline(purifier, load_classifier(classifier_path), spec or saved).eval()

@@ -1,0 +1,193 @@
+"""``atop train classifier``: standard (or PGD adversarial) training of the CIFAR ResNet.
+
+The standard model becomes the frozen classifier f of the defense; ``--adversarial pgd`` trains
+the PGD-AT baseline (Madry et al.) that the evaluation compares AToP against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from training import common
+from training.attacks import pgd
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.classifier import ClassifierConfig, build_classifier
+from training.data import load_split, steps_per_epoch
+
+log = logging.getLogger("atop.train.classifier")
+
+
+@dataclass(frozen=True)
+class TrainClassifierConfig:
+    data: str
+    out: str
+    depth: int = 3  # residual blocks per stage (3 = ResNet-20)
+    width: int = 16  # channels of the first stage
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 0.1  # peak learning rate of the one-cycle schedule
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    warmup: float = 0.05  # fraction of the run spent warming up
+    adversarial: str = "none"  # none | pgd
+    adv_eps: float = 8 / 255
+    adv_steps: int = 7
+    adv_alpha: float = 2 / 255
+    seed: int = 0
+    limit_train: int = 0  # 0 = whole split; tests use a handful of images
+    limit_test: int = 0
+    checkpoint_every_s: float = 300.0
+    max_steps: int = 0  # stop early after this many steps (tests, time-boxed runs)
+
+    def classifier(self) -> ClassifierConfig:
+        return ClassifierConfig(depth=self.depth, width=self.width)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None = None) -> dict:
+    info = common.init_distributed(threads)
+    out = Path(cfg.out)
+    train = load_split(cfg.data, "train")
+    test = load_split(cfg.data, "test")
+    if cfg.limit_train:
+        train = train.subset(cfg.limit_train, seed=cfg.seed)
+    if cfg.limit_test:
+        test = test.subset(cfg.limit_test, seed=cfg.seed)
+    model = build_classifier(cfg.classifier()).to(info.device, memory_format=torch.channels_last)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=True,
+    )
+    step = 0
+    if resume and (out / "last.safetensors").is_file():
+        ck = load_checkpoint(out / "last.safetensors")
+        model.load_state_dict(ck.state_dict("classifier"))
+        ck.load_optimizer("classifier", opt)
+        step = ck.header["step"]
+        log.info("resumed from %s at step %d", ck.path, step)
+    ddp = common.wrap_ddp(model, info)
+    saved_config = {"kind": "classifier", "train": asdict(cfg), "model": cfg.classifier().to_dict()}
+
+    def save(name: str, step: int, metrics: dict | None) -> None:
+        if info.main:
+            save_checkpoint(
+                out / name,
+                models={"classifier": model},
+                optimizers={"classifier": opt} if name == "last.safetensors" else None,
+                config=saved_config,
+                step=step,
+                epoch=step // common_spe,
+                metrics=metrics,
+            )
+
+    def train_step(x: torch.Tensor, y: torch.Tensor, step: int, total: int) -> dict:
+        x = x.contiguous(memory_format=torch.channels_last)
+        if cfg.adversarial == "pgd":
+            x = pgd(
+                model,
+                x,
+                y,
+                eps=cfg.adv_eps,
+                steps=cfg.adv_steps,
+                alpha=cfg.adv_alpha,
+                gen=_step_generator(cfg.seed, step),
+            )
+        for g in opt.param_groups:
+            g["lr"] = common.one_cycle_lr(step, total, cfg.lr, cfg.warmup)
+        ddp.train()
+        logits = ddp(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+
+    def epoch_end(step: int, means: dict) -> dict:
+        common.sync_buffers(model, info)
+        model.eval()
+        acc = common.evaluate_accuracy(model, test) if info.main else None
+        return {"train_loss": means.get("loss"), "train_acc": means.get("acc"), "test_acc": acc}
+
+    common_spe = max(1, steps_per_epoch(train, cfg.batch_size, info.world_size))
+    loop = common.LoopSpec(
+        cfg.batch_size, cfg.epochs, cfg.seed, cfg.max_steps, cfg.checkpoint_every_s, "classifier"
+    )
+    step, total, metrics = common.train_loop(
+        loop,
+        info,
+        train,
+        common.RunLog(out, info),
+        start_step=step,
+        step_fn=train_step,
+        epoch_end_fn=epoch_end,
+        save_fn=lambda st, m: save("last.safetensors", st, m),
+    )
+    common.sync_buffers(model, info)
+    if step >= total:
+        save("final.safetensors", step, metrics)
+    common.finish_distributed(info)
+    return metrics
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = {f.name: f.default for f in fields(TrainClassifierConfig)}
+    p.add_argument("--data", required=True, help="CIFAR-10 folder/tar.gz tree or cifar-10-python.tar.gz")
+    p.add_argument("--out", required=True, help="run folder: checkpoints and metrics.jsonl")
+    for name, help_ in [
+        ("depth", "residual blocks per stage (3 = ResNet-20)"),
+        ("width", "channels of the first stage"),
+        ("epochs", "training epochs"),
+        ("batch_size", "batch size per process"),
+        ("lr", "peak learning rate (one-cycle: warm-up then cosine)"),
+        ("momentum", "SGD Nesterov momentum"),
+        ("weight_decay", "L2 weight decay on conv/linear weights"),
+        ("label_smoothing", "cross-entropy label smoothing"),
+        ("warmup", "fraction of steps spent warming up"),
+        ("adv_eps", "PGD-AT: l-inf radius"),
+        ("adv_steps", "PGD-AT: attack steps"),
+        ("adv_alpha", "PGD-AT: step size"),
+        ("seed", "seed for data order, augmentation and init"),
+        ("limit_train", "use only this many training images (0 = all)"),
+        ("limit_test", "evaluate on this many test images (0 = all)"),
+        ("checkpoint_every_s", "save last.safetensors at least this often (seconds)"),
+        ("max_steps", "stop after this many steps (0 = run all epochs)"),
+    ]:
+        d = defaults[name]
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=type(d),
+            default=d,
+            help=f"{help_} (default {d:g})" if not isinstance(d, str) else help_,
+        )
+    p.add_argument(
+        "--adversarial",
+        choices=["none", "pgd"],
+        default="none",
+        help="'pgd' trains the PGD adversarial-training baseline (default none)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainClassifierConfig:
+    return TrainClassifierConfig(**{f.name: getattr(args, f.name) for f in fields(TrainClassifierConfig)})
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    torch.manual_seed(cfg.seed)  # model init only; data and attacks use their own generators
+    metrics = run(cfg, resume=args.resume, threads=args.threads)
+    log.info("done: %s", metrics)
+    return 0
