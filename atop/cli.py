@@ -1,74 +1,78 @@
-"""The ``atop`` command. Subcommands import their modules lazily, so ``atop serve`` and
-``atop store`` never import torch or the training code."""
+"""The ``atop`` command.
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and ``main(args)``; a
+module is imported only when its subcommand is invoked, so ``atop serve`` and ``atop store``
+never import torch or the training code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-from collections.abc import Callable
 
 from atop import __version__
 
+# (command, module, help). "train" has its own level of subcommands below.
+COMMANDS = [
+    ("serve", "service.cli", "run the HTTP defense service (default: the embedded model)"),
+    ("export", "training.export", "export a trained pipeline to ONNX/TorchScript into the model store"),
+    ("store", "model_store.cli", "list, show, verify and publish model-store versions"),
+    ("eval", "training.evaluate", "robustness evaluation of a store version or checkpoints"),
+]
+TRAIN_COMMANDS = [
+    ("classifier", "training.train_classifier", "standard or PGD-adversarial training of the classifier f"),
+    (
+        "purifier",
+        "training.train_purifier",
+        "pre-train the inpainting purifier g (L1 + hinge GAN on RT'd images)",
+    ),
+    ("finetune", "training.finetune", "AToP: fine-tune g adversarially with f frozen"),
+]
 
-def _train_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.safetensors")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+def _call(module: str):
+    return lambda args: importlib.import_module(module).main(args)
 
 
-def _add_train(sub, argv: list[str]) -> None:
-    train = sub.add_parser("train", help="offline training: classifier, purifier, AToP fine-tune")
-    tsub = train.add_subparsers(dest="what", required=True, metavar="{classifier,purifier,finetune}")
-
-    def lazy(module: str) -> Callable:
-        def call(args):
-            import importlib
-
-            return importlib.import_module(module).main(args)
-
-        return call
-
-    import importlib
-
-    for name, module, help_ in [
-        (
-            "classifier",
-            "training.train_classifier",
-            "standard or PGD-adversarial training of the classifier f",
-        ),
-        (
-            "purifier",
-            "training.train_purifier",
-            "pre-train the inpainting purifier g (L1 + hinge GAN on RT'd images)",
-        ),
-        ("finetune", "training.finetune", "AToP: fine-tune g adversarially with f frozen"),
-    ]:
-        p = tsub.add_parser(name, help=help_, description=help_)
-        # Import only the module asked for: `atop serve` and `atop --help` stay free of torch.
-        if "train" not in argv or name not in argv:
-            continue
+def _add(sub, name: str, module: str, help_: str, wanted: bool) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_)
+    if wanted:  # import the module (and so torch, for training) only when it is asked for
         importlib.import_module(module).add_arguments(p)
-        _train_common(p)
-        p.set_defaults(func=lazy(module))
+        p.set_defaults(func=_call(module))
+    return p
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    argv = argv or []
+    first = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(
         prog="atop",
         description="AToP adversarial-defense service: train, export, evaluate and serve "
         "a purification defense (random transform -> purifier -> classifier).",
     )
     parser.add_argument("--version", action="version", version=f"atop {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_train(sub, argv or [])
+    for name, module, help_ in COMMANDS:
+        _add(sub, name, module, help_, first == name)
+    train = sub.add_parser("train", help="offline training: classifier, purifier, AToP fine-tune")
+    tsub = train.add_subparsers(dest="what", required=True, metavar="{classifier,purifier,finetune}")
+    for name, module, help_ in TRAIN_COMMANDS:
+        p = _add(tsub, name, module, help_, first == "train" and name in argv)
+        p.add_argument(
+            "--resume", action="store_true", help="continue the run in --out from last.safetensors"
+        )
+        p.add_argument(
+            "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -63,6 +63,20 @@ def sync_buffers(model: nn.Module, info: DistInfo) -> None:
             dist.broadcast(b, 0)
 
 
+def check_replicas(model: nn.Module, info: DistInfo) -> None:
+    """Fail loudly if the replicas' weights differ (they must not, after DDP + sync_buffers)."""
+    if info.world_size == 1:
+        return
+    flat = torch.cat([t.detach().flatten().double() for t in model.state_dict().values()])
+    mine = torch.stack([flat.sum(), (flat * torch.arange(len(flat), dtype=torch.float64)).sum()])
+    every = [torch.zeros_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(every, mine)
+    if any(not torch.equal(e, every[0]) for e in every):
+        raise RuntimeError(f"DDP replicas diverged: weight checksums {[e.tolist() for e in every]}")
+    if info.main:
+        log.info("replica check: %d tensors identical on %d ranks", len(model.state_dict()), info.world_size)
+
+
 def all_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
     if info.world_size == 1:
         return values

@@ -137,6 +137,7 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         save_fn=lambda st, m: save("last.safetensors", st, m),
     )
     common.sync_buffers(model, info)
+    common.check_replicas(model, info)
     if step >= total:
         save("final.safetensors", step, metrics)
     common.finish_distributed(info)

@@ -232,6 +232,8 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
         save_fn=lambda st, m: save("last.safetensors", st, m),
     )
     common.sync_buffers(D, info)
+    common.check_replicas(G, info)
+    common.check_replicas(D, info)
     if step >= total:
         save("final.safetensors", step, metrics)
     common.finish_distributed(info)
