@@ -147,9 +147,10 @@ def evaluate_accuracy(model, split, batch_size: int = 500, limit: int | None = N
 
     if limit is not None:
         split = split.subset(limit)
+    device = next(model.parameters()).device
     correct = total = 0
     for x, y in batches(split, batch_size):
-        correct += int((model(x).argmax(1) == y).sum())
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
         total += len(y)
     return correct / max(1, total)
 

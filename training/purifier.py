@@ -105,7 +105,7 @@ class DefendedPipeline(nn.Module):
         self.purifier = purifier
         self.classifier = classifier
         self.spec = spec
-        self.noise_std = float(spec.noise_std) if spec.kind != "rt1" else 0.0
+        self.noise_std = spec.applied_noise_std
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return self.classifier(purify(self.purifier, x, noise, masks, self.noise_std))

@@ -89,10 +89,11 @@ def evaluate(purifier, classifier, spec: RTSpec, split, seed: int = 1234) -> dic
     """PSNR of g(t(x)) against x and, with a classifier, top-1 of f(g(t(x))), one fixed draw."""
     gen = torch.Generator().manual_seed(seed)
     se = correct = total = 0.0
-    pipe = DefendedPipeline(purifier, classifier, spec) if classifier is not None else None
+    device = next(purifier.parameters()).device
     for x, y in batches(split, 250):
-        s = sample_rt(spec, x.shape[0], gen)
-        out = purify(purifier, x, s.noise, s.masks, pipe.noise_std if pipe else spec.noise_std)
+        x, y = x.to(device), y.to(device)
+        s = sample_rt(spec, x.shape[0], gen, device)
+        out = purify(purifier, x, s.noise, s.masks, spec.applied_noise_std)
         se += float(((out - x) ** 2).flatten(1).mean(1).clamp_min(1e-10).log10().sum())
         if classifier is not None:
             correct += float((classifier(out).argmax(1) == y).sum())
@@ -184,6 +185,8 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
         sigma = torch.full((x.shape[0], 1, 1, 1), tspec.noise_std)
         if cfg.noise_max > 0:
             sigma = torch.rand(x.shape[0], 1, 1, 1, generator=gen) * cfg.noise_max
+        if spec.kind == "rt1":  # masks only
+            sigma.zero_()
         restored = purify(ddp_g, x_in, s.noise * sigma.to(info.device), s.masks, 1.0)
         # Generator step: D frozen and in eval mode (no power iteration), gradients reach G only.
         D.requires_grad_(False)

@@ -53,8 +53,9 @@ class RTSpec:
         return self.num_masks if self.kind == "rt3" else 1
 
     @property
-    def noisy(self) -> bool:
-        return self.kind != "rt1" and self.noise_std > 0
+    def applied_noise_std(self) -> float:
+        """The σ actually applied: RT1 has no noise whatever ``noise_std`` says."""
+        return 0.0 if self.kind == "rt1" else float(self.noise_std)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,240 @@
+"""Dynamic batching for one model version.
+
+Requests become jobs of *rows*: one row is one image under one EOT draw of the random
+transform, so a request of n images with ``samples=k`` costs n*k rows. Sizes and limits are in
+rows ("cost units"):
+
+* a batch is flushed when ``max_batch_size`` rows are waiting, or ``max_delay`` after the oldest
+  waiting job arrived (as Triton: a job that already waited during the previous batch does not
+  wait again);
+* a job larger than a batch is split across consecutive batches; no batch exceeds the cap;
+* the queue holds at most ``queue_size`` rows; beyond that ``submit`` raises ``QueueFull`` (an
+  oversized job is still admitted into an empty queue, so it cannot be refused forever);
+* each job has a deadline: rows of an expired job are dropped before they cost compute;
+* inference runs in one worker thread, off the event loop; one Batcher per model version, so a
+  batch never mixes versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger("atop.service")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__("queue full")
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class BatcherClosed(Exception):
+    pass
+
+
+class InferenceFailed(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Job:
+    image: np.ndarray  # [R, 3, H, W]
+    noise: np.ndarray  # [R, 3, H, W]
+    masks: np.ndarray  # [R, C, 1, H, W]
+    deadline: float  # loop.time()
+    enqueued: float  # loop.time()
+    future: asyncio.Future
+    logits: np.ndarray | None = None
+    raw: np.ndarray | None = None
+    taken: int = 0  # rows handed to a batch
+    done: int = 0  # rows computed
+    started: float | None = None  # loop.time() when the first row entered a batch
+    inference_s: float = 0.0
+    abandoned: bool = False
+    batches: list[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.image)
+
+
+class Batcher:
+    def __init__(
+        self,
+        backend,
+        *,
+        max_batch_size: int,
+        max_delay_ms: float,
+        queue_size: int,
+        metrics=None,
+        name: str = "model",
+    ):
+        self.backend = backend
+        self.max_batch = max_batch_size
+        self.max_delay = max_delay_ms / 1000.0
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self.name = name
+        self.depth = 0  # rows waiting, not yet in a batch
+        self.batches_run = 0
+        self._jobs: list[Job] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._batch_s = 0.0  # moving average of a batch's inference time
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"atop-infer-{name}")
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    # --- submitting --------------------------------------------------------------------------
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained: the Retry-After of a refused request."""
+        per_batch = self._batch_s or 0.05
+        return max(1, math.ceil(self.depth / self.max_batch * per_batch))
+
+    def submit(self, image: np.ndarray, noise: np.ndarray, masks: np.ndarray, timeout_s: float) -> Job:
+        """Queue a job (synchronous, never waits); QueueFull when it does not fit."""
+        if self._closing:
+            raise BatcherClosed()
+        rows = len(image)
+        if self.depth and self.depth + rows > self.queue_size:
+            raise QueueFull(self.retry_after())
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        job = Job(image, noise, masks, now + timeout_s, now, loop.create_future())
+        self._jobs.append(job)
+        self._add_depth(rows)
+        self._wake.set()
+        return job
+
+    async def wait(self, job: Job) -> Job:
+        """The finished job; DeadlineExceeded when its deadline passes first."""
+        remaining = job.deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), max(remaining, 0.0))
+        except TimeoutError:
+            job.abandoned = True
+            raise DeadlineExceeded() from None
+
+    async def infer(self, image, noise, masks, timeout_s: float) -> Job:
+        return await self.wait(self.submit(image, noise, masks, timeout_s))
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _add_depth(self, rows: int) -> None:
+        self.depth += rows
+        if self.metrics is not None:
+            self.metrics.queue_depth.inc(rows)
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        self._add_depth(-(job.rows - job.taken))
+        job.taken = job.rows
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+    def _take(self, now: float) -> list[tuple[Job, int, int]]:
+        """Up to max_batch rows from the head of the queue, dropping dead jobs."""
+        parts, room = [], self.max_batch
+        while self._jobs and room:
+            job = self._jobs[0]
+            if job.abandoned or now > job.deadline:
+                self._jobs.pop(0)
+                self._fail(job, DeadlineExceeded())
+                continue
+            n = min(room, job.rows - job.taken)
+            parts.append((job, job.taken, job.taken + n))
+            if job.started is None:
+                job.started = now
+                if self.metrics is not None:
+                    self.metrics.queue_wait.observe(now - job.enqueued)
+            job.taken += n
+            self._add_depth(-n)
+            room -= n
+            if job.taken == job.rows:
+                self._jobs.pop(0)
+        return parts
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._jobs:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            flush_at = self._jobs[0].enqueued + self.max_delay
+            while self.depth < self.max_batch and not self._closing:
+                timeout = flush_at - loop.time()
+                if timeout <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    break
+            parts = self._take(loop.time())
+            if parts:
+                await self._run(parts)
+
+    async def _run(self, parts: list[tuple[Job, int, int]]) -> None:
+        def cat(attr: str) -> np.ndarray:
+            arrays = [getattr(j, attr)[a:b] for j, a, b in parts]
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+        n = sum(b - a for _, a, b in parts)
+        t0 = time.perf_counter()
+        try:
+            logits, raw = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.backend.run, cat("image"), cat("noise"), cat("masks")
+            )
+            if logits.shape[0] != n or (raw is not None and raw.shape[0] != n):
+                raise InferenceFailed(f"backend returned {logits.shape[0]} rows for a batch of {n}")
+        except Exception as e:
+            log.error("inference failed on a batch of %d rows (%s): %s", n, self.name, e)
+            if self.metrics is not None:
+                self.metrics.batch_errors.inc()
+            for job in {j for j, _, _ in parts}:
+                if job in self._jobs:
+                    self._jobs.remove(job)
+                self._fail(job, InferenceFailed(str(e)))
+            return
+        dt = time.perf_counter() - t0
+        self.batches_run += 1
+        self._batch_s = dt if not self._batch_s else 0.8 * self._batch_s + 0.2 * dt
+        if self.metrics is not None:
+            self.metrics.observe_batch(rows=n, requests=len({id(j) for j, _, _ in parts}), seconds=dt)
+        offset = 0
+        for job, a, b in parts:
+            if job.logits is None:
+                job.logits = np.empty((job.rows, logits.shape[1]), np.float32)
+                job.raw = None if raw is None else np.empty((job.rows, raw.shape[1]), np.float32)
+            job.logits[a:b] = logits[offset : offset + b - a]
+            if raw is not None:
+                job.raw[a:b] = raw[offset : offset + b - a]
+            offset += b - a
+            job.done += b - a
+            job.inference_s += dt
+            job.batches.append(n)
+            if job.done == job.rows and not job.future.done():
+                job.future.set_result(job)
+
+    # --- closing -----------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Stop taking jobs, finish the queued ones, then stop the worker thread."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)

@@ -1,0 +1,131 @@
+"""Image bytes -> float32 [3, S, S] in [0, 1]: the one documented conversion rule.
+
+1. The format is identified from the bytes (never from a file name or a declared type):
+   PNG, JPEG, WebP and BMP are accepted; GIF, TIFF, ICO, AVIF/HEIC, PDF, SVG get 415; bytes
+   that are no image at all get 400. Animated files use their first frame.
+2. Decompression bombs are refused from the header alone: width x height above ``max_pixels``
+   is 413 before a single pixel is decoded.
+3. JPEGs decode at a reduced DCT scale when that still leaves both sides >= S (cheap for big
+   photos); the EXIF orientation is applied.
+4. Mode to RGB: grayscale and bilevel are replicated to three channels; palette images take their
+   palette colours; CMYK uses Pillow's conversion; 16-bit grayscale is scaled 0..65535 -> 0..255;
+   anything with transparency (RGBA, LA, PA, palette or RGB with a transparent colour) is
+   **composited onto white**, as a browser shows it on a white page (not alpha dropped: the
+   colour under a transparent pixel is arbitrary).
+5. Size: the centred square with the shorter side is cropped, then resized to S x S with
+   Pillow's antialiased bicubic filter. An S x S RGB image passes through unchanged, bit for bit.
+6. Values are divided by 255: float32 in [0, 1], channels first.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import ApiError
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+# Signatures of formats we recognise but do not accept (415 rather than "not an image", 400).
+_REFUSED_SIGNATURES = {
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"\x00\x00\x01\x00": "ICO",
+    b"%PDF": "PDF",
+    b"<svg": "SVG",
+    b"<?xml": "SVG/XML",
+    b"8BPS": "PSD",
+}
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _refused_format(data: bytes) -> str | None:
+    head = data[:16].lstrip()
+    for sig, name in _REFUSED_SIGNATURES.items():
+        if head.startswith(sig):
+            return name
+    if data[4:8] == b"ftyp":  # ISO media: AVIF, HEIC
+        return "AVIF/HEIC"
+    return None
+
+
+def open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Identify the image and check its size from the header; nothing is decoded yet."""
+    if not data:
+        raise ApiError(400, "invalid_image", "empty image")
+    refused = _refused_format(data)
+    if refused:
+        raise ApiError(
+            415, "unsupported_image_format", f"{refused} images are not accepted (use PNG, JPEG, WebP or BMP)"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise ApiError(413, "image_too_large", "image dimensions are too large") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ApiError(400, "invalid_image", "not a decodable PNG, JPEG, WebP or BMP image") from e
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise ApiError(400, "invalid_image", "image has no pixels")
+    if w * h > max_pixels:
+        raise ApiError(
+            413, "image_too_large", f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}"
+        )
+    return im
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Rule 4 above: any mode to 8-bit RGB."""
+    if im.mode in _SIXTEEN_BIT:
+        a = np.asarray(im).astype(np.float64)
+        a = np.clip(a / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def fit_square(im: Image.Image, size: int) -> Image.Image:
+    """Rule 5 above: centred square crop, then antialiased bicubic resize to size x size."""
+    if im.size == (size, size):
+        return im
+    return ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+
+
+def decode_image(data: bytes, *, size: int, max_pixels: int) -> np.ndarray:
+    """Bytes of one image -> float32 [3, size, size] in [0, 1]; ApiError on bad input."""
+    im = open_checked(data, max_pixels)
+    try:
+        if im.format == "JPEG":
+            im.draft("RGB", (size, size))
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        rgb = fit_square(to_rgb(im), size)
+        arr = np.asarray(rgb, dtype=np.uint8)
+    except ApiError:
+        raise
+    except Exception as e:  # truncated data, corrupt chunks, decoder errors of any kind
+        raise ApiError(400, "invalid_image", "the image data is corrupt or truncated") from e
+    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / 255.0
+
+
+def decode_many(blobs: list[bytes], *, size: int, max_pixels: int) -> np.ndarray:
+    """Several images -> float32 [N, 3, size, size]; the error message names the failing image."""
+    out = np.empty((len(blobs), 3, size, size), dtype=np.float32)
+    for i, data in enumerate(blobs):
+        try:
+            out[i] = decode_image(data, size=size, max_pixels=max_pixels)
+        except ApiError as e:
+            if len(blobs) > 1:
+                e.message = f"image {i}: {e.message}"
+            raise
+    return out

@@ -1,0 +1,262 @@
+"""The served model version and its hot swap.
+
+A candidate is verified (``model_store.store.verify``: checksums + manifest schema), its facts
+checked, its backend loaded and warmed up and self-tested, all in a worker thread **beside** the
+active version; only then is the single ``active`` reference swapped, on the event loop, under a
+lock that serialises swaps. Requests lease the slot they start on: in-flight requests finish on
+their version, and a retired version is closed (batcher drained, backend released) when its last
+lease ends. A refused candidate is remembered with its reason (``/v1/models``, the
+``atop_model_reloads{result="refused"}`` counter, a warning in the log) and the old version keeps
+serving. The watcher polls the store and moves to the newest valid version unless one is pinned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model_store import store
+from service.backends import Backend, BackendError, load_backend
+from service.batcher import Batcher
+from service.selftest import Facts, Refused, manifest_facts, robust_accuracy, self_test
+
+log = logging.getLogger("atop.service")
+
+
+class NotReady(Exception):
+    """No version is loaded (startup, or every candidate was refused)."""
+
+
+@dataclass(eq=False)
+class Slot:
+    name: str
+    version: int
+    path: Path
+    manifest: dict
+    facts: Facts
+    backend: Backend
+    batcher: Batcher
+    loaded_at: float = field(default_factory=time.time)
+    selftest: dict = field(default_factory=dict)
+    leases: int = 0
+    retired: bool = False
+
+
+@dataclass
+class Outcome:
+    result: str  # swapped | unchanged | refused
+    active_version: int | None
+    candidate: int | None = None
+    message: str = ""
+
+
+class Registry:
+    def __init__(self, settings, metrics, *, loader=load_backend):
+        self.settings, self.metrics, self.loader = settings, metrics, loader
+        self.name = settings.model_name
+        self.root = Path(settings.store) if settings.store else store.default_store()
+        self.active: Slot | None = None
+        self.pinned: int | None = settings.pin_version
+        self.refused: dict[int, str] = {}
+        self.last: Outcome | None = None
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self._watcher: asyncio.Task | None = None
+
+    # --- serving -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[Slot]:
+        """The active slot, kept open until the request that holds it is done."""
+        slot = self.active
+        if slot is None:
+            raise NotReady()
+        slot.leases += 1
+        try:
+            yield slot
+        finally:
+            slot.leases -= 1
+            if slot.retired and slot.leases == 0:
+                self._spawn(self._close(slot))
+
+    # --- loading -----------------------------------------------------------------------------
+    def _prepare_blocking(self, mv: store.ModelVersion) -> tuple[dict, Facts, Backend, dict]:
+        try:
+            manifest = store.verify(mv.path)
+        except store.StoreError as e:
+            raise Refused(f"verify failed: {e}") from e
+        if manifest.get("name", mv.name) != self.name:
+            raise Refused(f"manifest.json names model {manifest.get('name')!r}, not {self.name!r}")
+        facts = manifest_facts(manifest)
+        try:
+            backend = self.loader(mv.path, manifest, self.settings)
+        except BackendError as e:
+            raise Refused(str(e)) from e
+        try:
+            report = self_test(backend, facts, self.settings.max_batch_size, manifest.get("selftest"))
+        except Exception:
+            backend.close()
+            raise
+        return manifest, facts, backend, report
+
+    def _gate(self, mv: store.ModelVersion, manifest: dict) -> None:
+        """Automatic swaps refuse a candidate whose measured robustness regressed."""
+        tol = self.settings.robustness_tolerance
+        if tol is None or self.active is None:
+            return
+        new, old = robust_accuracy(manifest), robust_accuracy(self.active.manifest)
+        if new is not None and old is not None and new < old - tol:
+            raise Refused(
+                f"robust accuracy {new:.4f} is below the active version's {old:.4f} "
+                f"by more than {tol} (activate it explicitly to override)"
+            )
+
+    async def _try(self, mv: store.ModelVersion, *, gated: bool) -> Outcome:
+        log.info("loading candidate %s v%d from %s", mv.name, mv.version, mv.path)
+        t0 = time.perf_counter()
+        try:
+            manifest, facts, backend, report = await asyncio.to_thread(self._prepare_blocking, mv)
+            if gated:
+                try:
+                    self._gate(mv, manifest)
+                except Refused:
+                    await asyncio.to_thread(backend.close)
+                    raise
+        except Exception as e:  # Refused, or anything unexpected: the candidate does not serve
+            reason = str(e) if isinstance(e, Refused) else f"{type(e).__name__}: {e}"
+            self.refused[mv.version] = reason
+            self.metrics.reloads.labels("refused").inc()
+            log.warning("refused %s v%d: %s; still serving v%s", mv.name, mv.version, reason, self._active_v())
+            return Outcome("refused", self._active_v(), mv.version, reason)
+        s = self.settings
+        batcher = Batcher(
+            backend,
+            max_batch_size=s.max_batch_size,
+            max_delay_ms=s.max_delay_ms,
+            queue_size=s.queue_size,
+            metrics=self.metrics,
+            name=f"v{mv.version}",
+        )
+        batcher.start()
+        slot = Slot(mv.name, mv.version, mv.path, manifest, facts, backend, batcher, selftest=report)
+        old, self.active = self.active, slot  # the swap: one reference, on the event loop
+        self.refused.pop(mv.version, None)
+        self.metrics.set_active(mv.version)
+        self.metrics.reloads.labels("swapped").inc()
+        log.info(
+            "serving %s v%d (%s on %s, ready in %.2fs)%s",
+            mv.name,
+            mv.version,
+            backend.name,
+            backend.device,
+            time.perf_counter() - t0,
+            f"; retiring v{old.version}" if old else "",
+        )
+        if old is not None:
+            self._retire(old)
+        return Outcome("swapped", mv.version, mv.version)
+
+    # --- public operations -------------------------------------------------------------------
+    async def scan(self) -> list[store.ModelVersion]:
+        return await asyncio.to_thread(store.list_versions, self.root, self.name)
+
+    async def start(self) -> None:
+        """Load the pinned version, or the newest one that passes; raise if none does."""
+        versions = await self.scan()
+        if self.pinned is not None:
+            versions = [v for v in versions if v.version == self.pinned]
+        if not versions:
+            what = f"version {self.pinned} of " if self.pinned else ""
+            raise RuntimeError(f"no {what}model {self.name!r} in store {self.root}")
+        async with self._lock:
+            for mv in sorted(versions, key=lambda v: v.version, reverse=True):
+                self.last = await self._try(mv, gated=False)
+                if self.last.result == "swapped":
+                    return
+        reasons = "; ".join(f"v{v}: {r}" for v, r in sorted(self.refused.items()))
+        raise RuntimeError(f"no loadable version of {self.name!r} in {self.root}: {reasons}")
+
+    async def reload(self, *, unpin: bool = False) -> Outcome:
+        """Move to the newest valid version newer than the active one (unless pinned)."""
+        async with self._lock:
+            if unpin:
+                self.pinned = None
+            current = self._active_v() or 0
+            if self.pinned is not None:
+                outcome = Outcome("unchanged", current, None, f"pinned to v{self.pinned}")
+            else:
+                outcome = Outcome("unchanged", current, None, "no newer version")
+                versions = [v for v in await self.scan() if v.version > current]
+                for mv in sorted(versions, key=lambda v: v.version, reverse=True):
+                    if mv.version in self.refused:
+                        continue
+                    outcome = await self._try(mv, gated=True)
+                    if outcome.result == "swapped":
+                        break
+            if outcome.result == "unchanged":
+                self.metrics.reloads.labels("unchanged").inc()
+            self.last = outcome
+            return outcome
+
+    async def activate(self, version: int, *, pin: bool = True) -> Outcome:
+        """Serve exactly ``version`` (roll back or forward) and pin it; KeyError if unknown."""
+        async with self._lock:
+            match = [v for v in await self.scan() if v.version == version]
+            if not match:
+                raise KeyError(version)
+            if self._active_v() == version:
+                outcome = Outcome("unchanged", version, version, "already active")
+                self.metrics.reloads.labels("unchanged").inc()
+            else:
+                outcome = await self._try(match[0], gated=False)
+            if pin and outcome.result != "refused":
+                self.pinned = version
+            self.last = outcome
+            return outcome
+
+    # --- watching and closing ----------------------------------------------------------------
+    def start_watching(self) -> None:
+        if self.settings.poll_interval_s > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="store-watcher")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            try:
+                await self.reload()
+            except Exception:  # a broken store must not kill the watcher
+                log.exception("store poll failed")
+
+    async def aclose(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self.active is not None:
+            slot, self.active = self.active, None
+            self.metrics.set_active(None)
+            await self._close(slot)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _active_v(self) -> int | None:
+        return self.active.version if self.active else None
+
+    def _retire(self, slot: Slot) -> None:
+        slot.retired = True
+        if slot.leases == 0:
+            self._spawn(self._close(slot))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close(self, slot: Slot) -> None:
+        await slot.batcher.aclose()
+        await asyncio.to_thread(slot.backend.close)
+        log.info("closed %s v%d", slot.name, slot.version)

@@ -1,0 +1,349 @@
+"""``atop export``: classifier + purifier checkpoints -> a verified model-store version.
+
+Two formats of the same defended pipeline f(g(t(x))):
+
+* ONNX (the serving format). Deterministic: the randomness of t comes in as graph inputs
+  ``noise`` (standard normal) and ``masks`` (1 = missing), drawn by the caller with
+  ``atop.contract.sample_rt`` from the manifest's RT spec (atop/contract.py). A second output,
+  ``raw_logits`` = f(x), feeds the service's attack-suspicion signal. Exported with the
+  torch.export-based exporter (``dynamo=True``, the default and the maintained one since torch
+  2.9; the TorchScript-based one is deprecated), dynamic batch axis, weights inside the file.
+* TorchScript ``model.pt``: ``forward(x)`` draws its own randomness (torch.randn/torch.rand,
+  same rules as training.transforms) and is differentiable end to end, so anyone can attack
+  the deployed pipeline with ``torch.jit.load`` and their own tools. ``forward_with(x, noise,
+  masks)`` takes explicit randomness. torch 2.13 warns that torch.jit is deprecated; it still
+  works, and ``torch.export`` is the forward-looking replacement (docs/model-store.md).
+
+Nothing is published unless eager torch, TorchScript and ONNX Runtime agree to ``--tolerance``
+on the same inputs and the same seeded draw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from atop import contract
+from model_store import ModelVersion, default_store, publish
+from training.checkpoint import git_commit, load_checkpoint
+from training.classifier import load_classifier
+from training.data import CIFAR10_CLASSES
+from training.purifier import DefendedPipeline, load_purifier
+from training.transforms import RTSpec, apply_rt, combine_copies
+
+log = logging.getLogger("atop.export")
+FORMATS = ("onnx", "torchscript")
+ONNX_FILE, TORCHSCRIPT_FILE = "model.onnx", "model.pt"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    classifier: str
+    purifier: str
+    store: str
+    name: str = "cifar10-atop"
+    rt: str | None = None  # override the purifier's deployed RT kind
+    noise_std: float | None = None  # override its noise std
+    formats: tuple[str, ...] = FORMATS
+    data: str | None = None  # recorded in provenance with its checksum
+    evaluation: str | None = None  # JSON file of measured numbers for the manifest
+    classes: tuple[str, ...] | None = None  # default: CIFAR-10's names when there are 10
+    opset: int = 18
+    parity_seed: int = 0
+    tolerance: float = 1e-4
+
+
+class OnnxPipeline(nn.Module):
+    """(image, noise, masks) -> (logits, raw_logits): the graph the service runs."""
+
+    def __init__(self, pipeline: DefendedPipeline):
+        super().__init__()
+        self.pipeline = pipeline
+
+    def forward(self, image, noise, masks) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pipeline(image, noise, masks), self.pipeline.classifier(image)
+
+
+class ScriptedPipeline(nn.Module):
+    """The pipeline for torch.jit.script; it carries the RT spec as plain numbers."""
+
+    def __init__(self, purifier: nn.Module, classifier: nn.Module, spec: RTSpec):
+        super().__init__()
+        self.purifier, self.classifier = purifier, classifier
+        self.noise_std = float(spec.noise_std) if spec.kind != "rt1" else 0.0
+        self.block, self.grid = spec.block, spec.image_size // spec.block
+        self.copies, self.partition = spec.copies, spec.kind == "rt3"
+        self.num_missing = round(spec.missing * spec.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Defended logits for images in [0,1], with a fresh draw of the randomness."""
+        return self.forward_with(x, torch.randn_like(x), self.sample_masks(x.shape[0], x.device))
+
+    @torch.jit.export
+    def sample_masks(self, batch: int, device: torch.device) -> torch.Tensor:
+        """[B, C, 1, H, W], 1 = missing: exactly num_missing blocks (RT1/2), a partition (RT3)."""
+        ranks = torch.rand(batch, self.grid * self.grid, device=device).argsort(1).argsort(1)
+        if self.partition:
+            groups = torch.arange(self.copies, device=device).view(1, -1, 1)
+            m = (ranks.unsqueeze(1) % self.copies == groups).float()
+        else:
+            m = (ranks < self.num_missing).float().unsqueeze(1)
+        m = m.view(batch, self.copies, 1, self.grid, self.grid)
+        return m.repeat_interleave(self.block, 3).repeat_interleave(self.block, 4)
+
+    @torch.jit.export
+    def forward_with(self, x: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Defended logits for a given draw (noise standard normal, masks 1 = missing)."""
+        inp = apply_rt(x, noise, masks, self.noise_std)
+        b, c = inp.shape[0], inp.shape[1]
+        restored = self.purifier(inp.flatten(0, 1)).view(b, c, x.shape[1], x.shape[2], x.shape[3])
+        return self.classifier(combine_copies(restored, masks))
+
+    @torch.jit.export
+    def raw_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The undefended classifier f(x)."""
+        return self.classifier(x)
+
+
+def export_onnx(pipeline: DefendedPipeline, path: Path, opset: int) -> None:
+    s = pipeline.spec.image_size
+    args = (torch.rand(2, 3, s, s), torch.randn(2, 3, s, s), torch.zeros(2, pipeline.spec.copies, 1, s, s))
+    batch = torch.export.Dim("B", min=1)
+    names = [contract.INPUT_IMAGE, contract.INPUT_NOISE, contract.INPUT_MASKS]
+    chatter = io.StringIO()  # the exporter prints its progress to stdout
+    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+        warnings.filterwarnings("ignore", message=".*axis name: B will not be used.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        torch.onnx.export(
+            OnnxPipeline(pipeline).eval(),
+            args,
+            str(path),
+            dynamo=True,
+            opset_version=opset,
+            input_names=names,
+            output_names=[contract.OUTPUT_LOGITS, contract.OUTPUT_RAW_LOGITS],
+            dynamic_shapes={"image": {0: batch}, "noise": {0: batch}, "masks": {0: batch}},
+            external_data=False,
+        )
+    log.debug("onnx exporter: %s", chatter.getvalue().strip())
+
+
+def export_torchscript(pipeline: DefendedPipeline, path: Path) -> None:
+    module = ScriptedPipeline(pipeline.purifier, pipeline.classifier, pipeline.spec).eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*", category=DeprecationWarning)
+        torch.jit.save(torch.jit.script(module), str(path))
+    log.info("TorchScript written (torch.jit is deprecated in torch 2.13 but still supported)")
+
+
+def check_parity(pipeline: DefendedPipeline, files: dict[str, Path], seed: int, tol: float) -> dict:
+    """Max |logits difference| of each exported file against eager torch on one seeded draw
+    (batches of 1 and 3, so the dynamic batch axis is exercised). Raises ValueError past tol."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    s = pipeline.spec.image_size
+    sess = ort.InferenceSession(str(files[ONNX_FILE]), providers=["CPUExecutionProvider"])
+    scripted = torch.jit.load(str(files[TORCHSCRIPT_FILE])) if TORCHSCRIPT_FILE in files else None
+    diffs = {"onnx": 0.0, "onnx_raw": 0.0} | ({"torchscript": 0.0} if scripted is not None else {})
+    for b in (1, 3):
+        x = rng.random((b, 3, s, s), dtype=np.float32)
+        noise, masks = contract.sample_rt(pipeline.spec.to_dict(), b, rng)
+        xt, nt, mt = (torch.from_numpy(a) for a in (x, noise, masks))
+        with torch.no_grad():
+            ref, raw = pipeline(xt, nt, mt).numpy(), pipeline.classifier(xt).numpy()
+            if scripted is not None:
+                ts = scripted.forward_with(xt, nt, mt).numpy()
+                diffs["torchscript"] = max(diffs["torchscript"], float(np.abs(ts - ref).max()))
+        out, out_raw = sess.run(
+            [contract.OUTPUT_LOGITS, contract.OUTPUT_RAW_LOGITS],
+            {contract.INPUT_IMAGE: x, contract.INPUT_NOISE: noise, contract.INPUT_MASKS: masks},
+        )
+        diffs["onnx"] = max(diffs["onnx"], float(np.abs(out - ref).max()))
+        diffs["onnx_raw"] = max(diffs["onnx_raw"], float(np.abs(out_raw - raw).max()))
+    bad = {k: v for k, v in diffs.items() if not v <= tol}
+    if bad:
+        raise ValueError(
+            f"parity check failed (tolerance {tol}): max abs logits difference {bad}; not published"
+        )
+    log.info("parity vs eager torch: %s", {k: f"{v:.2e}" for k, v in diffs.items()})
+    return {"tolerance": tol, "seed": seed, "batches": [1, 3], "max_abs_diff": diffs}
+
+
+def _tensor(name: str, shape: list, description: str) -> dict:
+    return {"name": name, "shape": shape, "dtype": "float32", "description": description}
+
+
+def graph_entry(spec: RTSpec, opset: int, num_classes: int) -> dict:
+    s, c = spec.image_size, spec.copies
+    noise_use = (
+        "ignored for rt1"
+        if spec.kind == "rt1"
+        else f"the graph multiplies it by rt.noise_std={spec.noise_std}"
+    )
+    return {
+        "file": ONNX_FILE,
+        "opset": opset,
+        "exporter": f"torch.onnx dynamo=True (torch {torch.__version__})",
+        "inputs": [
+            _tensor(contract.INPUT_IMAGE, ["B", 3, s, s], "images, RGB, values in [0,1]"),
+            _tensor(contract.INPUT_NOISE, ["B", 3, s, s], f"standard normal noise; {noise_use}"),
+            _tensor(
+                contract.INPUT_MASKS,
+                ["B", c, 1, s, s],
+                f"block masks, 1 = pixel missing; sample with rt.sampler ({contract.RT_SAMPLER}: "
+                "noise first, then masks, from one numpy Generator; see atop/contract.py)",
+            ),
+        ],
+        "outputs": [
+            _tensor(contract.OUTPUT_LOGITS, ["B", num_classes], "defended logits f(g(t(x)))"),
+            _tensor(contract.OUTPUT_RAW_LOGITS, ["B", num_classes], "undefended classifier logits f(x)"),
+        ],
+    }
+
+
+TORCHSCRIPT_ENTRY = {
+    "file": TORCHSCRIPT_FILE,
+    "load": "torch.jit.load(path); no project code needed",
+    "methods": {
+        "forward": "x [B,3,H,W] float32 in [0,1] -> defended logits; draws fresh randomness; differentiable",
+        "forward_with": "(x, noise, masks) as the ONNX inputs -> defended logits",
+        "raw_logits": "x -> undefended classifier logits",
+        "sample_masks": "(batch, device) -> masks [B,C,1,H,W], 1 = missing",
+    },
+}
+
+
+def dataset_ref(path: Path) -> dict:
+    """Provenance of a data set: sha256 of the file, or of (name, sha256) of every file below
+    a folder, without decoding anything."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path} does not exist")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digests = {str(p.relative_to(path) if p != path else p.name): _sha256(p) for p in files}
+    total = hashlib.sha256("".join(f"{d}  {n}\n" for n, d in digests.items()).encode()).hexdigest()
+    ref = {"source": str(path), "checksum": f"sha256:{total}"}
+    if len(digests) <= 16:
+        ref["files"] = digests
+    return ref
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _recipe(path: str) -> dict:
+    ck = load_checkpoint(path)
+    info = {k: ck.header.get(k) for k in ("step", "epoch", "metrics", "git_commit")}
+    return {"file": Path(path).name, "sha256": _sha256(Path(path)), **info, "config": ck.config}
+
+
+def build_manifest(cfg: ExportConfig, spec: RTSpec, classes: list[str], parity: dict) -> dict:
+    recipe = {"classifier": _recipe(cfg.classifier), "purifier": _recipe(cfg.purifier)}
+    seeds = {k: r["config"].get("train", {}).get("seed") for k, r in recipe.items()}
+    graph = {"onnx": graph_entry(spec, cfg.opset, len(classes)), "parity": parity}
+    if "torchscript" in cfg.formats:
+        graph["torchscript"] = TORCHSCRIPT_ENTRY
+    evaluation = {}
+    if cfg.evaluation:
+        evaluation = json.loads(Path(cfg.evaluation).read_text())
+    s = spec.image_size
+    return {
+        "classes": classes,
+        "input": {"shape": [3, s, s], "dtype": "float32", "range": [0.0, 1.0], "layout": "NCHW"},
+        "rt": spec.to_dict() | {"sampler": contract.RT_SAMPLER},
+        "graph": graph,
+        "provenance": {
+            "data": dataset_ref(Path(cfg.data)) if cfg.data else None,
+            "recipe": recipe,
+            "git_commit": git_commit(),
+            "seeds": seeds | {"parity": cfg.parity_seed},
+        },
+        "evaluation": evaluation,
+    }
+
+
+def run(cfg: ExportConfig) -> ModelVersion:
+    if "onnx" not in cfg.formats or not set(cfg.formats) <= set(FORMATS):
+        raise ValueError(f"--formats must include onnx (the serving format) and be among {FORMATS}")
+    if cfg.evaluation and not Path(cfg.evaluation).is_file():
+        raise FileNotFoundError(f"--evaluation {cfg.evaluation} does not exist")
+    purifier, spec = load_purifier(cfg.purifier)
+    overrides = {k: v for k, v in (("kind", cfg.rt), ("noise_std", cfg.noise_std)) if v is not None}
+    spec = dataclasses.replace(spec, **overrides)
+    pipeline = DefendedPipeline(purifier, load_classifier(cfg.classifier), spec).eval()
+    pipeline.requires_grad_(False)
+    k = pipeline.classifier.fc.out_features
+    classes = list(cfg.classes or (CIFAR10_CLASSES if k == 10 else ()))
+    if len(classes) != k:
+        raise ValueError(f"the classifier has {k} classes; pass --classes with {k} names")
+    log.info("exporting %s with RT %s", cfg.name, spec)
+    with tempfile.TemporaryDirectory(prefix="atop-export-") as tmp:
+        files = {ONNX_FILE: Path(tmp) / ONNX_FILE}
+        export_onnx(pipeline, files[ONNX_FILE], cfg.opset)
+        if "torchscript" in cfg.formats:
+            files[TORCHSCRIPT_FILE] = Path(tmp) / TORCHSCRIPT_FILE
+            export_torchscript(pipeline, files[TORCHSCRIPT_FILE])
+        parity = check_parity(pipeline, files, cfg.parity_seed, cfg.tolerance)
+        manifest = build_manifest(cfg, spec, classes, parity)
+        return publish(Path(cfg.store), cfg.name, files, manifest)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classifier", required=True, help="classifier checkpoint (.safetensors)")
+    p.add_argument("--purifier", required=True, help="purifier or fine-tune checkpoint (.safetensors)")
+    p.add_argument("--store", default=None, help="store root (default: the embedded model_store)")
+    p.add_argument("--name", default=ExportConfig.name, help="model name in the store")
+    p.add_argument("--rt", choices=("rt1", "rt2", "rt3"), help="override the purifier's RT kind")
+    p.add_argument("--noise-std", type=float, help="override the RT noise std (native pixels)")
+    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated: onnx[,torchscript]")
+    p.add_argument("--data", help="training data set, recorded in provenance with its checksum")
+    p.add_argument("--evaluation", help="JSON file of measured accuracy for the manifest")
+    p.add_argument("--classes", help="comma-separated class names (default: CIFAR-10's)")
+    p.add_argument("--opset", type=int, default=ExportConfig.opset, help="ONNX opset (>= 17)")
+    p.add_argument("--parity-seed", type=int, default=ExportConfig.parity_seed)
+    p.add_argument("--tolerance", type=float, default=ExportConfig.tolerance, help="parity max abs diff")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.opset < 17:
+        raise ValueError(f"--opset {args.opset}: the manifest schema needs opset >= 17")
+    cfg = ExportConfig(
+        classifier=args.classifier,
+        purifier=args.purifier,
+        store=str(args.store or default_store()),
+        name=args.name,
+        rt=args.rt,
+        noise_std=args.noise_std,
+        formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+        data=args.data,
+        evaluation=args.evaluation,
+        classes=tuple(c.strip() for c in args.classes.split(",")) if args.classes else None,
+        opset=args.opset,
+        parity_seed=args.parity_seed,
+        tolerance=args.tolerance,
+    )
+    mv = run(cfg)
+    log.info("published %s version %d at %s", mv.name, mv.version, mv.path)
+    return 0
