@@ -71,11 +71,12 @@ def test_global_rng_is_untouched():
 @pytest.mark.parametrize("kind", ["rt1", "rt2", "rt3"])
 def test_gradient_flows_through_the_whole_pipeline(kind):
     torch.manual_seed(0)
-    pipe = DefendedPipeline(
-        UNetPurifier(PurifierConfig(width=4)),
-        build_classifier(ClassifierConfig(depth=1, width=4)),
-        RTSpec(kind),
-    ).eval()
+    purifier = UNetPurifier(PurifierConfig(width=4))
+    # The head starts at zero (identity + grey holes); under RT3 an untrained purifier therefore
+    # ignores x entirely. Give it weights, as training does.
+    torch.nn.init.normal_(purifier.head.weight, std=0.1)
+    classifier = build_classifier(ClassifierConfig(depth=1, width=4))
+    pipe = DefendedPipeline(purifier, classifier, RTSpec(kind)).eval()
     x = torch.rand(2, 3, 32, 32, requires_grad=True)
     StochasticPipeline(pipe, torch.Generator().manual_seed(0))(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()

@@ -33,11 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from atop import contract
-from model_store import ModelVersion, default_store, publish
+from model_store import ModelVersion, default_store, publish, sha256_file
+from model_store.manifest import Evaluation
 from training.checkpoint import git_commit, load_checkpoint
 from training.classifier import load_classifier
 from training.data import CIFAR10_CLASSES
@@ -118,15 +121,33 @@ class ScriptedPipeline(nn.Module):
         return self.classifier(x)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence known noise: torch.jit's deprecation warnings (we know; see the module doc), the
+    exporter's axis-name and pytree warnings, and the exporter's INFO/WARNING log chatter."""
+    # torch.onnx warns "torchvision is not installed. Skipping torchvision::roi_align" and such.
+    loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*axis name: B will not be used.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        for lg in loggers:
+            lg.setLevel(max(lg.level, logging.ERROR if lg.name == "torch.onnx" else logging.WARNING))
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
 def export_onnx(pipeline: DefendedPipeline, path: Path, opset: int) -> None:
     s = pipeline.spec.image_size
     args = (torch.rand(2, 3, s, s), torch.randn(2, 3, s, s), torch.zeros(2, pipeline.spec.copies, 1, s, s))
     batch = torch.export.Dim("B", min=1)
     names = [contract.INPUT_IMAGE, contract.INPUT_NOISE, contract.INPUT_MASKS]
     chatter = io.StringIO()  # the exporter prints its progress to stdout
-    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
-        warnings.filterwarnings("ignore", message=".*axis name: B will not be used.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    with _quiet(), contextlib.redirect_stdout(chatter):
         torch.onnx.export(
             OnnxPipeline(pipeline).eval(),
             args,
@@ -143,8 +164,7 @@ def export_onnx(pipeline: DefendedPipeline, path: Path, opset: int) -> None:
 
 def export_torchscript(pipeline: DefendedPipeline, path: Path) -> None:
     module = ScriptedPipeline(pipeline.purifier, pipeline.classifier, pipeline.spec).eval()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*", category=DeprecationWarning)
+    with _quiet():
         torch.jit.save(torch.jit.script(module), str(path))
     log.info("TorchScript written (torch.jit is deprecated in torch 2.13 but still supported)")
 
@@ -152,12 +172,11 @@ def export_torchscript(pipeline: DefendedPipeline, path: Path) -> None:
 def check_parity(pipeline: DefendedPipeline, files: dict[str, Path], seed: int, tol: float) -> dict:
     """Max |logits difference| of each exported file against eager torch on one seeded draw
     (batches of 1 and 3, so the dynamic batch axis is exercised). Raises ValueError past tol."""
-    import onnxruntime as ort
-
     rng = np.random.default_rng(seed)
     s = pipeline.spec.image_size
     sess = ort.InferenceSession(str(files[ONNX_FILE]), providers=["CPUExecutionProvider"])
-    scripted = torch.jit.load(str(files[TORCHSCRIPT_FILE])) if TORCHSCRIPT_FILE in files else None
+    with _quiet():
+        scripted = torch.jit.load(str(files[TORCHSCRIPT_FILE])) if TORCHSCRIPT_FILE in files else None
     diffs = {"onnx": 0.0, "onnx_raw": 0.0} | ({"torchscript": 0.0} if scripted is not None else {})
     for b in (1, 3):
         x = rng.random((b, 3, s, s), dtype=np.float32)
@@ -234,7 +253,7 @@ def dataset_ref(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"--data {path} does not exist")
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    digests = {str(p.relative_to(path) if p != path else p.name): _sha256(p) for p in files}
+    digests = {str(p.relative_to(path) if p != path else p.name): sha256_file(p) for p in files}
     total = hashlib.sha256("".join(f"{d}  {n}\n" for n, d in digests.items()).encode()).hexdigest()
     ref = {"source": str(path), "checksum": f"sha256:{total}"}
     if len(digests) <= 16:
@@ -242,29 +261,37 @@ def dataset_ref(path: Path) -> dict:
     return ref
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _recipe(path: str) -> dict:
     ck = load_checkpoint(path)
     info = {k: ck.header.get(k) for k in ("step", "epoch", "metrics", "git_commit")}
-    return {"file": Path(path).name, "sha256": _sha256(Path(path)), **info, "config": ck.config}
+    return {"file": Path(path).name, "sha256": sha256_file(Path(path)), **info, "config": ck.config}
 
 
-def build_manifest(cfg: ExportConfig, spec: RTSpec, classes: list[str], parity: dict) -> dict:
+def load_evaluation(path: str | None) -> dict:
+    """The measured numbers for the manifest, checked against the schema before any work."""
+    if not path:
+        return {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--evaluation {path} does not exist")
+    try:
+        evaluation = json.loads(Path(path).read_text())
+        Evaluation.model_validate_json(json.dumps(evaluation))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--evaluation {path}: not valid JSON ({e})") from None
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        raise ValueError(f"--evaluation {path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return evaluation
+
+
+def build_manifest(
+    cfg: ExportConfig, spec: RTSpec, classes: list[str], parity: dict, evaluation: dict
+) -> dict:
     recipe = {"classifier": _recipe(cfg.classifier), "purifier": _recipe(cfg.purifier)}
     seeds = {k: r["config"].get("train", {}).get("seed") for k, r in recipe.items()}
     graph = {"onnx": graph_entry(spec, cfg.opset, len(classes)), "parity": parity}
     if "torchscript" in cfg.formats:
         graph["torchscript"] = TORCHSCRIPT_ENTRY
-    evaluation = {}
-    if cfg.evaluation:
-        evaluation = json.loads(Path(cfg.evaluation).read_text())
     s = spec.image_size
     return {
         "classes": classes,
@@ -284,8 +311,7 @@ def build_manifest(cfg: ExportConfig, spec: RTSpec, classes: list[str], parity: 
 def run(cfg: ExportConfig) -> ModelVersion:
     if "onnx" not in cfg.formats or not set(cfg.formats) <= set(FORMATS):
         raise ValueError(f"--formats must include onnx (the serving format) and be among {FORMATS}")
-    if cfg.evaluation and not Path(cfg.evaluation).is_file():
-        raise FileNotFoundError(f"--evaluation {cfg.evaluation} does not exist")
+    evaluation = load_evaluation(cfg.evaluation)
     purifier, spec = load_purifier(cfg.purifier)
     overrides = {k: v for k, v in (("kind", cfg.rt), ("noise_std", cfg.noise_std)) if v is not None}
     spec = dataclasses.replace(spec, **overrides)
@@ -303,7 +329,7 @@ def run(cfg: ExportConfig) -> ModelVersion:
             files[TORCHSCRIPT_FILE] = Path(tmp) / TORCHSCRIPT_FILE
             export_torchscript(pipeline, files[TORCHSCRIPT_FILE])
         parity = check_parity(pipeline, files, cfg.parity_seed, cfg.tolerance)
-        manifest = build_manifest(cfg, spec, classes, parity)
+        manifest = build_manifest(cfg, spec, classes, parity, evaluation)
         return publish(Path(cfg.store), cfg.name, files, manifest)
 
 
@@ -329,21 +355,16 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.opset < 17:
         raise ValueError(f"--opset {args.opset}: the manifest schema needs opset >= 17")
+    fields = {f.name for f in dataclasses.fields(ExportConfig)}
     cfg = ExportConfig(
-        classifier=args.classifier,
-        purifier=args.purifier,
-        store=str(args.store or default_store()),
-        name=args.name,
-        rt=args.rt,
-        noise_std=args.noise_std,
-        formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
-        data=args.data,
-        evaluation=args.evaluation,
-        classes=tuple(c.strip() for c in args.classes.split(",")) if args.classes else None,
-        opset=args.opset,
-        parity_seed=args.parity_seed,
-        tolerance=args.tolerance,
+        **{k: v for k, v in vars(args).items() if k in fields}
+        | {"store": str(args.store or default_store()), "formats": _split(args.formats)}
+        | {"classes": _split(args.classes) or None}
     )
     mv = run(cfg)
     log.info("published %s version %d at %s", mv.name, mv.version, mv.path)
     return 0
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (text or "").split(",") if v.strip())

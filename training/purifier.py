@@ -2,6 +2,7 @@
 
 g takes the random transform's output: the noisy image with holes and the hole mask (4
 channels) and returns a whole image in [0,1]; it both fills the holes and denoises the rest.
+It predicts a residual on top of the input (holes pre-filled with mid-grey), clamped to [0,1].
 ``width=32`` (~0.6M parameters) is sized for CPU serving; ``width=64`` is the GPU variant.
 
 ``DefendedPipeline`` is the deployed unit f(g(t(x))): given the image and one draw of the RT's
@@ -57,14 +58,19 @@ class UNetPurifier(nn.Module):
         self.up0 = _conv(2 * w, w)
         self.dec0 = _conv(2 * w, w)
         self.head = nn.Conv2d(w, 3, 3, padding=1)
+        # Residual output, zero-initialised: training starts from the identity on kept pixels
+        # and mid-grey in the holes, instead of learning the identity through ten layers.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        base = inp[:, :3] + 0.5 * inp[:, 3:4]  # holes filled with mid-grey
         e0 = self.enc0(inp)
         e1 = self.enc1(e0)
         m = self.mid(e1)
         d1 = self.dec1(torch.cat([self.up1(F.interpolate(m, scale_factor=2.0, mode="nearest")), e1], 1))
         d0 = self.dec0(torch.cat([self.up0(F.interpolate(d1, scale_factor=2.0, mode="nearest")), e0], 1))
-        return torch.sigmoid(self.head(d0))
+        return (base + self.head(d0)).clamp(0.0, 1.0)
 
 
 class PatchDiscriminator(nn.Module):

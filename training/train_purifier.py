@@ -55,7 +55,7 @@ class PurifierTrainConfig:
     batch_size: int = 128
     lr: float = 2e-4
     beta1: float = 0.5
-    gan_weight: float = 0.05
+    gan_weight: float = 0.01  # the L1 term must dominate: a 32x32 image has little texture to hallucinate
     classifier: str = ""  # classifier checkpoint: needed to fine-tune, optional to pre-train
     init: str = ""  # purifier checkpoint to start from (fine-tuning)
     lam: float = 0.0  # weight of CE(y, f(g(t(x')))) (AToP λ)

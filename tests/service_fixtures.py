@@ -1,0 +1,196 @@
+"""Helpers for the service tests: a tiny exported model store, images in every mode and format,
+and a real ``atop serve`` process on a free loopback port.
+
+The store is made the real way: tiny random checkpoints -> ``training.export`` (ONNX +
+TorchScript, parity-checked) -> ``model_store.publish``. Exporting costs a few seconds, so it
+runs once per session (tests/conftest.py) and further versions re-publish the same files.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+import model_store
+from model_store import ModelVersion
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "cifar10-atop"
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+ADMIN_TOKEN = "admin-secret-token"
+API_KEY = "client-api-key-1"
+# filled in by publish; everything else in a manifest is the exporter's draft
+_FILLED = ("schema", "name", "version", "created", "files", "manifest_sha256")
+
+
+def export_tiny(root: Path, work: Path, *, kind: str = "rt2", seed: int = 0) -> ModelVersion:
+    """Tiny random classifier + purifier checkpoints, exported into ``root`` as MODEL."""
+    import torch
+
+    from training import export
+    from training.checkpoint import save_checkpoint
+    from training.classifier import ClassifierConfig, ResNet
+    from training.purifier import PurifierConfig, UNetPurifier
+    from training.transforms import RTSpec
+
+    torch.manual_seed(seed)
+    clf_cfg = ClassifierConfig(depth=1, width=4, num_classes=len(CIFAR10))
+    clf = ResNet(clf_cfg).eval()
+    for m in clf.modules():  # untrained BatchNorm is the identity; give it statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    pur = UNetPurifier(PurifierConfig(width=4)).eval()
+    spec = RTSpec(kind=kind, noise_std=0.0625)
+    work.mkdir(parents=True, exist_ok=True)
+    c = save_checkpoint(
+        work / "classifier.safetensors",
+        models={"classifier": clf},
+        config={"kind": "classifier", "train": {"seed": seed}, "model": clf_cfg.to_dict()},
+        step=1,
+        epoch=0,
+    )
+    p = save_checkpoint(
+        work / "purifier.safetensors",
+        models={"purifier": pur},
+        config={
+            "kind": "purifier",
+            "stage": "pretrain",
+            "train": {"seed": seed},
+            "model": PurifierConfig(width=4).to_dict(),
+            "rt": spec.to_dict(),
+        },
+        step=1,
+        epoch=0,
+    )
+    return export.run(export.ExportConfig(str(c), str(p), str(root), name=MODEL, classes=CIFAR10))
+
+
+def republish(
+    root: Path, src: ModelVersion, *, evaluation: dict | None = None, only_onnx: bool = False
+) -> ModelVersion:
+    """The files of ``src`` published again as the next version in ``root`` (cheap)."""
+    draft = {k: v for k, v in src.manifest.items() if k not in _FILLED}
+    files = {f: src.path / f for f in src.manifest["files"]}
+    if only_onnx:
+        files = {"model.onnx": files["model.onnx"]}
+        draft["graph"] = {k: v for k, v in draft["graph"].items() if k != "torchscript"}
+    if evaluation is not None:
+        draft["evaluation"] = evaluation
+    return model_store.publish(root, MODEL, files, draft)
+
+
+def corrupt(mv: ModelVersion, fname: str = "model.onnx") -> None:
+    """Flip one byte in the middle of a published file (they are read-only once published)."""
+    f = mv.path / fname
+    os.chmod(f, 0o644)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def noise_image(w: int = 32, h: int = 32, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def png(w: int = 32, h: int = 32, seed: int = 0) -> bytes:
+    return encode(noise_image(w, h, seed), "PNG")
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (its pixel data is a 1x1 image's): refusing it
+    with 413, not 400, shows the limit was checked before decoding."""
+    data = bytearray(encode(Image.new("RGB", (1, 1)), "PNG"))
+    ihdr = 8  # after the signature: length (4), b"IHDR" (4), then width, height
+    data[ihdr + 8 : ihdr + 16] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr + 4 : ihdr + 8 + 13]))
+    data[ihdr + 8 + 13 : ihdr + 8 + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    """``python -m atop.cli serve`` in a child process; its log goes to a file."""
+
+    def __init__(self, log_path: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "atop.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ATOP_")}
+        env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value from Prometheus text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    key = f"{name}{{{want}}}" if want else name
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def histogram_buckets(text: str, name: str) -> dict[float, float]:
+    """Cumulative bucket counts of an unlabelled histogram: {upper bound: count}."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(f'{name}_bucket{{le="'):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = float(line.rsplit(" ", 1)[1])
+    return out

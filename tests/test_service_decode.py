@@ -1,0 +1,146 @@
+"""The decoding rule (service/decode.py): formats, modes, resizing, and refusals before decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.decode import decode_image, decode_many
+from service.errors import ApiError
+from tests.service_fixtures import bomb_png, encode, noise_image
+
+S, MAXPIX = 32, 4_000_000
+
+
+def dec(data: bytes) -> np.ndarray:
+    return decode_image(data, size=S, max_pixels=MAXPIX)
+
+
+def refused(data: bytes) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        dec(data)
+    return e.value
+
+
+@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("BMP", {}), ("WEBP", {"lossless": True})])
+def test_lossless_32x32_rgb_passes_bit_for_bit(fmt, kw):
+    im = noise_image()
+    out = dec(encode(im, fmt, **kw))
+    assert out.shape == (3, S, S) and out.dtype == np.float32
+    assert np.array_equal(out, np.asarray(im).transpose(2, 0, 1) / np.float32(255))
+
+
+def test_jpeg_decodes_close_to_the_source():
+    im = Image.new("RGB", (S, S), (200, 40, 90))
+    out = dec(encode(im, "JPEG", quality=95))
+    assert np.allclose(out.mean(axis=(1, 2)), np.array([200, 40, 90]) / 255, atol=0.02)
+
+
+def test_grayscale_and_bilevel_are_replicated_to_three_channels():
+    for im in (Image.new("L", (S, S), 77), Image.new("1", (S, S), 1)):
+        out = dec(encode(im, "PNG"))
+        want = 77 / 255 if im.mode == "L" else 1.0
+        assert np.allclose(out, want)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped():
+    a = np.full((S, S), 32768, dtype=np.uint16)  # mid grey in 16 bits
+    im = Image.fromarray(a)
+    assert im.mode.startswith("I")
+    out = dec(encode(im, "PNG"))
+    assert np.allclose(out, 128 / 255)
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (S, S), (255, 0, 0, 255))
+    for x in range(S // 2):
+        for y in range(S):
+            rgba.putpixel((x, y), (0, 0, 0, 0))  # left half fully transparent (black underneath)
+    out = dec(encode(rgba, "PNG"))
+    assert np.allclose(out[:, :, : S // 2], 1.0)  # white, not the hidden black
+    assert np.allclose(out[:, :, S // 2 :], np.array([1, 0, 0])[:, None, None])
+    la = Image.new("LA", (S, S), (0, 0))
+    assert np.allclose(dec(encode(la, "PNG")), 1.0)
+    half = Image.new("RGBA", (S, S), (0, 0, 0, 128))
+    assert np.allclose(dec(encode(half, "PNG")), 127 / 255, atol=1 / 255)
+
+
+def test_palette_with_and_without_transparency():
+    p = Image.new("P", (S, S), 1)
+    p.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    assert np.allclose(dec(encode(p, "PNG")), np.array([10, 200, 30])[:, None, None] / 255)
+    p.info["transparency"] = 1
+    assert np.allclose(dec(encode(p, "PNG", transparency=1)), 1.0)
+
+
+def test_cmyk_jpeg_is_converted():
+    im = Image.new("CMYK", (S, S), (0, 255, 255, 0))  # pure red in CMYK
+    out = dec(encode(im, "JPEG", quality=95))
+    assert out[0].mean() > 0.9 and out[1].mean() < 0.1 and out[2].mean() < 0.1
+
+
+def test_non_square_images_are_centre_cropped_then_resized():
+    im = Image.new("RGB", (300, 100), (0, 0, 255))  # blue sides, red centre square
+    im.paste((255, 0, 0), (100, 0, 200, 100))
+    out = dec(encode(im, "PNG"))
+    assert out.shape == (3, S, S)
+    assert np.allclose(out[:, 2:-2, 2:-2], np.array([1, 0, 0])[:, None, None], atol=0.02)
+    small = dec(encode(Image.new("RGB", (8, 8), (0, 255, 0)), "PNG"))  # upscaled
+    assert np.allclose(small, np.array([0, 1, 0])[:, None, None], atol=0.01)
+
+
+def test_big_jpeg_uses_draft_and_keeps_content():
+    im = Image.new("RGB", (2000, 1000), (30, 60, 90))
+    out = dec(encode(im, "JPEG", quality=90))
+    assert np.allclose(out.mean(axis=(1, 2)), np.array([30, 60, 90]) / 255, atol=0.02)
+
+
+def test_exif_orientation_is_applied():
+    im = Image.new("RGB", (64, 32), (255, 0, 0))
+    im.paste((0, 0, 255), (0, 0, 64, 16))  # top half blue, bottom red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW when shown: top becomes right
+    out = dec(encode(im, "JPEG", quality=95, exif=exif.tobytes()))
+    assert out[2, :, -4:].mean() > 0.8 and out[0, :, :4].mean() > 0.8
+
+
+def test_animated_webp_uses_its_first_frame():
+    frames = [Image.new("RGB", (S, S), c) for c in ((255, 0, 0), (0, 255, 0))]
+    data = encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    assert np.allclose(dec(data), np.array([1, 0, 0])[:, None, None], atol=0.01)
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    e = refused(bomb_png(3000, 3000))
+    assert (e.status, e.code) == (413, "image_too_large") and "3000x3000" in e.message
+    e = refused(bomb_png(200_000, 200_000))  # beyond Pillow's own bomb limit too
+    assert (e.status, e.code) == (413, "image_too_large")
+
+
+@pytest.mark.parametrize(
+    "data,status,code",
+    [
+        (b"", 400, "invalid_image"),
+        (b"definitely not an image", 400, "invalid_image"),
+        (encode(Image.new("RGB", (4, 4)), "GIF"), 415, "unsupported_image_format"),
+        (encode(Image.new("RGB", (4, 4)), "TIFF"), 415, "unsupported_image_format"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", 415, "unsupported_image_format"),
+    ],
+)
+def test_bad_bytes(data, status, code):
+    e = refused(data)
+    assert (e.status, e.code) == (status, code)
+
+
+def test_truncated_and_corrupt_images_are_400():
+    good = encode(noise_image(64, 64), "PNG")
+    assert refused(good[: len(good) // 2]).code == "invalid_image"
+    jpg = bytearray(encode(noise_image(64, 64), "JPEG"))
+    assert refused(bytes(jpg[:200])).status == 400
+
+
+def test_decode_many_names_the_failing_image():
+    with pytest.raises(ApiError) as e:
+        decode_many([encode(noise_image(), "PNG"), b"junk"], size=S, max_pixels=MAXPIX)
+    assert e.value.message.startswith("image 1:")
