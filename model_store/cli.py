@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pub.add_argument("--name", help="model name (default: the draft's name)")
     cl = sub.add_parser("cleanup", help="remove temp folders left by killed publishers")
     cl.add_argument("--max-age-s", type=float, default=3600.0, help="only older than this (seconds)")
+    for q in (ls, show, ver, pub, cl):  # also accept `atop store verify --store DIR`
+        q.add_argument("--store", type=Path, default=argparse.SUPPRESS, help="store root")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -66,11 +66,10 @@ class RTEntry(_Closed):
     missing: float = Field(ge=0, lt=1)
     num_masks: int = Field(ge=1)
     image_size: int = Field(ge=1)
-    sampler: Literal["atop-rt-sampler/1"]
+    sampler: Literal[RT_SAMPLER]
 
     @model_validator(mode="after")
     def _consistent(self) -> RTEntry:
-        assert self.sampler == RT_SAMPLER  # the Literal above must follow atop.contract
         if self.image_size % self.block:
             raise ValueError(f"block {self.block} does not divide image_size {self.image_size}")
         if self.kind == "rt3" and ((self.image_size // self.block) ** 2) % self.num_masks:
@@ -133,7 +132,7 @@ class Evaluation(_Open):
 
 
 class Manifest(_Closed):
-    schema_: Literal["atop-manifest/1"] = Field(alias="schema")
+    schema_: Literal[MANIFEST_SCHEMA] = Field(alias="schema")
     name: str = Field(pattern=NAME_PATTERN)
     version: int = Field(ge=1)
     created: str
@@ -156,7 +155,6 @@ class Manifest(_Closed):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Manifest:
-        assert self.schema_ == MANIFEST_SCHEMA
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("classes: names must be unique")
         for f in self.files:

@@ -115,17 +115,23 @@ def load_manifest(path: Path) -> dict:
     mf = path / MANIFEST_FILE
     if not mf.is_file():
         raise StoreError(f"{mf}: missing (not a model version folder, or a partial one)")
-    raw = mf.read_bytes()
+    try:
+        raw = mf.read_bytes()
+    except OSError as e:
+        raise StoreError(f"{mf}: unreadable ({e.strerror})") from None
     try:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StoreError(f"{mf}: not valid JSON ({e})") from None
+    schema = manifest.get("schema") if isinstance(manifest, dict) else None
+    if schema != MANIFEST_SCHEMA:
+        raise StoreError(f"{mf}: unknown schema {schema!r} (this version reads {MANIFEST_SCHEMA!r})")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise StoreError(f"{mf}: content does not match its manifest_sha256 (edited after publishing?)")
     try:
         validate(manifest)
     except ValueError as e:
         raise StoreError(f"{mf}: {e}") from None
-    if manifest["manifest_sha256"] != manifest_digest(manifest):
-        raise StoreError(f"{mf}: content does not match its manifest_sha256 (edited after publishing?)")
     if raw != canonical_bytes(manifest):
         raise StoreError(f"{mf}: not in canonical form (edited after publishing?)")
     where = (path.parent.name, int(path.name)) if VERSION_PATTERN.fullmatch(path.name) else None
@@ -154,7 +160,10 @@ def verify(path: Path) -> dict:
         size = f.stat().st_size
         if size != want["size"]:
             raise StoreError(f"{f}: size {size} bytes, manifest says {want['size']} (corrupt or truncated)")
-        digest = sha256_file(f)
+        try:
+            digest = sha256_file(f)
+        except OSError as e:
+            raise StoreError(f"{f}: unreadable ({e.strerror})") from None
         if digest != want["sha256"]:
             raise StoreError(
                 f"{f}: sha256 {digest[:16]}... does not match the manifest (corrupt or tampered)"
