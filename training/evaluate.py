@@ -97,64 +97,103 @@ def clean_accuracy(cfg: EvalConfig, model, pipe, test) -> dict:
 
 
 def run(cfg: EvalConfig) -> dict:
+    """Evaluate; the result has the manifest's ``evaluation`` shape (model_store.manifest)."""
     test = load_split(cfg.data, "test")
     model, pipe = build_model(cfg)
     t0 = time.time()
-    result: dict = {"config": asdict(cfg), "rt": pipe.spec.to_dict() if pipe else None}
-    result["clean"] = clean_accuracy(cfg, model, pipe, test)
-    log.info("clean accuracy %.4f on %d images", result["clean"]["accuracy"], result["clean"]["n"])
+    clean = clean_accuracy(cfg, model, pipe, test)
+    log.info("clean accuracy %.4f on %d images", clean["accuracy"], clean["n"])
+    result: dict = {
+        "clean_accuracy": clean["accuracy"],
+        "n_images": clean["n"],
+        "clean_protocol": "top-1, one fresh RT draw per image (the mean over the randomness)",
+        "rt": pipe.spec.to_dict() if pipe else None,
+        "config": asdict(cfg),
+        "robust": [],
+    }
     if cfg.attack != "none":
-        target = StochasticPipeline(pipe, torch.Generator().manual_seed(cfg.seed + 1)) if pipe else model
-        eot = cfg.eot if pipe else 1  # a deterministic model needs no EOT
-        split = test.subset(cfg.n, seed=cfg.seed)
-        sums = {"clean_vote": 0.0, "vote": 0.0, "single": 0.0, "fixed": 0.0}
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(split), desc=f"{cfg.attack}-{cfg.norm} eot={eot}", mininterval=10)
-        for i, (x, y) in enumerate(batches(split, cfg.batch_size)):
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
-            if cfg.attack == "fgsm":
-                xa = fgsm(target, x, y, eps=cfg.eps, norm=cfg.norm, eot=eot)
-            else:
-                xa = pgd(
-                    target,
-                    x,
-                    y,
-                    eps=cfg.eps,
-                    steps=cfg.steps,
-                    alpha=cfg.alpha or None,
-                    norm=cfg.norm,
-                    eot=eot,
-                    gen=gen,
-                )
-            res = score(pipe, model, xa, y, cfg.samples, seed=cfg.seed * 31 + i)
-            for k in ("vote", "single", "fixed"):
-                sums[k] += float(res[k].sum())
-            sums["clean_vote"] += float(score(pipe, model, x, y, cfg.samples, seed=i)["vote"].sum())
-            bar.update(len(y))
-        bar.close()
-        n = len(split)
-        result["robust"] = {
-            "attack": cfg.attack,
-            "norm": cfg.norm,
-            "eps": cfg.eps,
-            "steps": cfg.steps if cfg.attack == "pgd" else 1,
-            "alpha": cfg.alpha or 2.5 * cfg.eps / cfg.steps,
-            "eot": eot,
-            "n_images": n,
-            "score_samples": cfg.samples,
-            "clean_vote_accuracy": sums["clean_vote"] / n,
-            "accuracy_vote": sums["vote"] / n,
-            "accuracy_single": sums["single"] / n,
-            "accuracy_fixed": sums["fixed"] / n,
-            "gradients": "exact through RT, purifier and classifier",
-        }
-        log.info("robust accuracy: %s", {k: v for k, v in result["robust"].items() if k.startswith("acc")})
+        result["robust"].append(attack(cfg, model, pipe, test))
     result["wall_s"] = round(time.time() - t0, 1)
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_merged(Path(cfg.out), result)
     return result
+
+
+def attack(cfg: EvalConfig, model, pipe, test) -> dict:
+    from tqdm import tqdm
+
+    target = StochasticPipeline(pipe, torch.Generator().manual_seed(cfg.seed + 1)) if pipe else model
+    eot = cfg.eot if pipe else 1  # a deterministic model needs no EOT
+    split = test.subset(cfg.n, seed=cfg.seed)
+    sums = {"clean_vote": 0.0, "vote": 0.0, "single": 0.0, "fixed": 0.0}
+    t0 = time.time()
+    bar = tqdm(total=len(split), desc=f"{cfg.attack}-{cfg.norm} eot={eot}", mininterval=10)
+    for i, (x, y) in enumerate(batches(split, cfg.batch_size)):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+        if cfg.attack == "fgsm":
+            xa = fgsm(target, x, y, eps=cfg.eps, norm=cfg.norm, eot=eot)
+        else:
+            xa = pgd(
+                target,
+                x,
+                y,
+                eps=cfg.eps,
+                steps=cfg.steps,
+                alpha=cfg.alpha or None,
+                norm=cfg.norm,
+                eot=eot,
+                gen=gen,
+            )
+        res = score(pipe, model, xa, y, cfg.samples, seed=cfg.seed * 31 + i)
+        for k in ("vote", "single", "fixed"):
+            sums[k] += float(res[k].sum())
+        sums["clean_vote"] += float(score(pipe, model, x, y, cfg.samples, seed=i)["vote"].sum())
+        bar.update(len(y))
+    bar.close()
+    n = len(split)
+    out = {
+        "attack": f"{cfg.attack}-eot" if pipe else cfg.attack,
+        "norm": {"linf": "Linf", "l2": "L2"}[cfg.norm],
+        "eps": cfg.eps,
+        "steps": cfg.steps if cfg.attack == "pgd" else 1,
+        "alpha": cfg.alpha or (2.5 * cfg.eps / cfg.steps if cfg.attack == "pgd" else cfg.eps),
+        "eot": eot,
+        "n_images": n,
+        "accuracy": sums["vote"] / n,
+        "score_rule": f"argmax of the softmax averaged over {cfg.samples} fresh RT draws (service samples={cfg.samples})",
+        "accuracy_single_draw": sums["single"] / n,
+        "accuracy_fixed_randomness": sums["fixed"] / n,
+        "clean_accuracy_same_images": sums["clean_vote"] / n,
+        "gradients": "exact through RT, purifier and classifier" if pipe else "exact (deterministic model)",
+        "subset_seed": cfg.seed,
+        "wall_s": round(time.time() - t0, 1),
+    }
+    log.info(
+        "%s %s eps=%.4g: accuracy vote %.4f single %.4f fixed %.4f (clean on same images %.4f)",
+        out["attack"],
+        out["norm"],
+        cfg.eps,
+        out["accuracy"],
+        out["accuracy_single_draw"],
+        out["accuracy_fixed_randomness"],
+        out["clean_accuracy_same_images"],
+    )
+    return out
+
+
+def write_merged(path: Path, result: dict) -> None:
+    """Write ``result``; robust entries already in ``path`` for other attacks are kept."""
+    old = json.loads(path.read_text()) if path.is_file() else {"robust": []}
+    key = lambda r: (r["attack"], r["norm"], round(r["eps"], 6), r["steps"], r["eot"])  # noqa: E731
+    new_keys = {key(r) for r in result["robust"]}
+    result = {
+        **result,
+        "robust": [r for r in old.get("robust", []) if key(r) not in new_keys] + result["robust"],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def _eps(text: str) -> float:
@@ -197,5 +236,5 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
     result = run(cfg)
-    print(json.dumps({k: result[k] for k in ("clean", "robust") if k in result}, indent=2))  # noqa: T201
+    print(json.dumps({k: result[k] for k in ("clean_accuracy", "n_images", "robust")}, indent=2))  # noqa: T201
     return 0
