@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import io
-import json
 import logging
 import tempfile
 import warnings
@@ -35,21 +33,18 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from pydantic import ValidationError
 from torch import nn
 
 from atop import contract
-from model_store import ModelVersion, default_store, publish, sha256_file
-from model_store.manifest import Evaluation
-from training.checkpoint import git_commit, load_checkpoint
+from model_store import ModelVersion, default_store, publish
 from training.classifier import load_classifier
 from training.data import CIFAR10_CLASSES
+from training.export_manifest import ONNX_FILE, TORCHSCRIPT_FILE, build_manifest, load_evaluation
 from training.purifier import DefendedPipeline, load_purifier
 from training.transforms import RTSpec, apply_rt, combine_copies
 
 log = logging.getLogger("atop.export")
 FORMATS = ("onnx", "torchscript")
-ONNX_FILE, TORCHSCRIPT_FILE = "model.onnx", "model.pt"
 
 
 @dataclass(frozen=True)
@@ -200,112 +195,6 @@ def check_parity(pipeline: DefendedPipeline, files: dict[str, Path], seed: int, 
         )
     log.info("parity vs eager torch: %s", {k: f"{v:.2e}" for k, v in diffs.items()})
     return {"tolerance": tol, "seed": seed, "batches": [1, 3], "max_abs_diff": diffs}
-
-
-def _tensor(name: str, shape: list, description: str) -> dict:
-    return {"name": name, "shape": shape, "dtype": "float32", "description": description}
-
-
-def graph_entry(spec: RTSpec, opset: int, num_classes: int) -> dict:
-    s, c = spec.image_size, spec.copies
-    noise_use = (
-        "ignored for rt1"
-        if spec.kind == "rt1"
-        else f"the graph multiplies it by rt.noise_std={spec.noise_std}"
-    )
-    return {
-        "file": ONNX_FILE,
-        "opset": opset,
-        "exporter": f"torch.onnx dynamo=True (torch {torch.__version__})",
-        "inputs": [
-            _tensor(contract.INPUT_IMAGE, ["B", 3, s, s], "images, RGB, values in [0,1]"),
-            _tensor(contract.INPUT_NOISE, ["B", 3, s, s], f"standard normal noise; {noise_use}"),
-            _tensor(
-                contract.INPUT_MASKS,
-                ["B", c, 1, s, s],
-                f"block masks, 1 = pixel missing; sample with rt.sampler ({contract.RT_SAMPLER}: "
-                "noise first, then masks, from one numpy Generator; see atop/contract.py)",
-            ),
-        ],
-        "outputs": [
-            _tensor(contract.OUTPUT_LOGITS, ["B", num_classes], "defended logits f(g(t(x)))"),
-            _tensor(contract.OUTPUT_RAW_LOGITS, ["B", num_classes], "undefended classifier logits f(x)"),
-        ],
-    }
-
-
-TORCHSCRIPT_ENTRY = {
-    "file": TORCHSCRIPT_FILE,
-    "load": "torch.jit.load(path); no project code needed",
-    "methods": {
-        "forward": "x [B,3,H,W] float32 in [0,1] -> defended logits; draws fresh randomness; differentiable",
-        "forward_with": "(x, noise, masks) as the ONNX inputs -> defended logits",
-        "raw_logits": "x -> undefended classifier logits",
-        "sample_masks": "(batch, device) -> masks [B,C,1,H,W], 1 = missing",
-    },
-}
-
-
-def dataset_ref(path: Path) -> dict:
-    """Provenance of a data set: sha256 of the file, or of (name, sha256) of every file below
-    a folder, without decoding anything."""
-    path = Path(path).expanduser().resolve()
-    if not path.exists():
-        raise FileNotFoundError(f"--data {path} does not exist")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    digests = {str(p.relative_to(path) if p != path else p.name): sha256_file(p) for p in files}
-    total = hashlib.sha256("".join(f"{d}  {n}\n" for n, d in digests.items()).encode()).hexdigest()
-    ref = {"source": str(path), "checksum": f"sha256:{total}"}
-    if len(digests) <= 16:
-        ref["files"] = digests
-    return ref
-
-
-def _recipe(path: str) -> dict:
-    ck = load_checkpoint(path)
-    info = {k: ck.header.get(k) for k in ("step", "epoch", "metrics", "git_commit")}
-    return {"file": Path(path).name, "sha256": sha256_file(Path(path)), **info, "config": ck.config}
-
-
-def load_evaluation(path: str | None) -> dict:
-    """The measured numbers for the manifest, checked against the schema before any work."""
-    if not path:
-        return {}
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--evaluation {path} does not exist")
-    try:
-        evaluation = json.loads(Path(path).read_text())
-        Evaluation.model_validate_json(json.dumps(evaluation))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--evaluation {path}: not valid JSON ({e})") from None
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        raise ValueError(f"--evaluation {path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    return evaluation
-
-
-def build_manifest(
-    cfg: ExportConfig, spec: RTSpec, classes: list[str], parity: dict, evaluation: dict
-) -> dict:
-    recipe = {"classifier": _recipe(cfg.classifier), "purifier": _recipe(cfg.purifier)}
-    seeds = {k: r["config"].get("train", {}).get("seed") for k, r in recipe.items()}
-    graph = {"onnx": graph_entry(spec, cfg.opset, len(classes)), "parity": parity}
-    if "torchscript" in cfg.formats:
-        graph["torchscript"] = TORCHSCRIPT_ENTRY
-    s = spec.image_size
-    return {
-        "classes": classes,
-        "input": {"shape": [3, s, s], "dtype": "float32", "range": [0.0, 1.0], "layout": "NCHW"},
-        "rt": spec.to_dict() | {"sampler": contract.RT_SAMPLER},
-        "graph": graph,
-        "provenance": {
-            "data": dataset_ref(Path(cfg.data)) if cfg.data else None,
-            "recipe": recipe,
-            "git_commit": git_commit(),
-            "seeds": seeds | {"parity": cfg.parity_seed},
-        },
-        "evaluation": evaluation,
-    }
 
 
 def run(cfg: ExportConfig) -> ModelVersion:
