@@ -7,13 +7,14 @@ batcher's single worker thread, never from the event loop.
 * ONNX Runtime (default, no torch): CUDAExecutionProvider when available (device auto|cuda),
   CPU otherwise; intra/inter-op threads and spinning come from the settings.
 * TorchScript (optional, needs torch): ``forward_with(x, noise, masks)`` gives defended logits;
-  raw logits come from a ``raw(x)`` method when the export has one, else they are None and the
-  attack-suspicion signal is reported as unavailable.
+  raw logits come from the exported ``raw_logits(x)`` method when the file has one, else they
+  are None and the attack-suspicion signal is reported as unavailable.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -99,7 +100,9 @@ class TorchScriptBackend:
         try:
             import torch
         except ImportError as e:
-            raise BackendError("the torchscript backend needs torch (pip install 'atop-defense[torchscript]')") from e
+            raise BackendError(
+                "the torchscript backend needs torch (pip install 'atop-defense[torchscript]')"
+            ) from e
         self._torch = torch
         if intra_op_threads:
             torch.set_num_threads(intra_op_threads)
@@ -108,19 +111,25 @@ class TorchScriptBackend:
             raise BackendError("device=cuda but torch has no CUDA")
         self.device = "cuda" if cuda and device in ("auto", "cuda") else "cpu"
         try:
-            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+            with warnings.catch_warnings():  # torch 2.13 deprecates torch.jit; it still works
+                warnings.filterwarnings(
+                    "ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning
+                )
+                self.module = torch.jit.load(str(path), map_location=self.device).eval()
         except Exception as e:
             raise BackendError(f"{path.name}: torch.jit.load failed: {e}") from e
         if not hasattr(self.module, "forward_with"):
             raise BackendError(f"{path.name}: TorchScript module has no forward_with(x, noise, masks)")
-        self.has_raw = hasattr(self.module, "raw")
+        self.has_raw = hasattr(self.module, "raw_logits")
 
     def run(self, image, noise, masks):
         torch, dev = self._torch, self.device
         with torch.inference_mode():
             x = torch.from_numpy(image).to(dev)
-            logits = self.module.forward_with(x, torch.from_numpy(noise).to(dev), torch.from_numpy(masks).to(dev))
-            raw = self.module.raw(x).float().cpu().numpy() if self.has_raw else None
+            logits = self.module.forward_with(
+                x, torch.from_numpy(noise).to(dev), torch.from_numpy(masks).to(dev)
+            )
+            raw = self.module.raw_logits(x).float().cpu().numpy() if self.has_raw else None
         return logits.float().cpu().numpy(), raw
 
     def close(self) -> None:

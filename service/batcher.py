@@ -126,6 +126,9 @@ class Batcher:
             return await asyncio.wait_for(asyncio.shield(job.future), max(remaining, 0.0))
         except TimeoutError:
             job.abandoned = True
+            if job in self._jobs:  # free its queue room now, not when the loop reaches it
+                self._jobs.remove(job)
+                self._fail(job, DeadlineExceeded())
             raise DeadlineExceeded() from None
 
     async def infer(self, image, noise, masks, timeout_s: float) -> Job:

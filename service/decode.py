@@ -67,7 +67,9 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as e:
-        raise ApiError(413, "image_too_large", "image dimensions are too large") from e
+        raise ApiError(
+            413, "image_too_large", f"image dimensions exceed the limit of {max_pixels} pixels"
+        ) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ApiError(400, "invalid_image", "not a decodable PNG, JPEG, WebP or BMP image") from e
     w, h = im.size

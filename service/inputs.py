@@ -35,7 +35,7 @@ RAW_TYPES = {
     "image/x-ms-bmp",
     "application/octet-stream",
 }
-OPTION_NAMES = ("top_k", "samples", "seed")
+OPTION_NAMES = ("top_k", "samples", "seed", "deadline_ms")
 
 
 class ClassifyOptions(BaseModel):
@@ -47,6 +47,9 @@ class ClassifyOptions(BaseModel):
     samples: int = Field(1, ge=1, description="EOT draws of the random transform to average over")
     seed: int | None = Field(
         None, ge=0, lt=2**63, description="seed the random transform: same image + seed = same answer"
+    )
+    deadline_ms: float | None = Field(
+        None, gt=0, description="answer within this or get 504 (at most the server's deadline)"
     )
 
 
@@ -107,6 +110,8 @@ async def _from_multipart(headers: Headers, body: bytes, max_images: int) -> tup
     try:
         form = await parser.parse()
     except MultiPartException as e:
+        if "Too many files" in e.message:
+            raise ApiError(413, "too_many_images", f"more than {max_images} images in one request") from e
         raise ApiError(400, "invalid_multipart", f"malformed multipart body: {e.message}") from e
     blobs, options = [], {}
     try:
@@ -133,7 +138,7 @@ async def parse_request(request: Request, *, max_body: int, max_images: int) -> 
         )
     body = await read_body(request, max_body)
     if kind in RAW_TYPES:
-        blobs, options = [body], {}
+        blobs, options = ([body] if body else []), {}
     elif kind == "application/json":
         blobs, options = _from_json(body)
     else:

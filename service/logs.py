@@ -37,7 +37,8 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "request_id"}
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__)
+_STANDARD |= {"message", "request_id", "color_message"}  # uvicorn adds a coloured copy
 
 
 class JsonFormatter(logging.Formatter):

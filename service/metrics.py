@@ -6,13 +6,21 @@ Labels are bounded: ``route`` is the route template (or "other"), ``status`` the
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 RELOAD_RESULTS = ("swapped", "unchanged", "refused")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+disable_created_metrics()  # no *_created series: they double the output and nobody reads them
 
 
 class Metrics:
@@ -50,9 +58,7 @@ class Metrics:
             "atop_active_model_version", "version number being served (0 = none)", ["model"], registry=r
         )
         self.ready = Gauge("atop_ready", "1 when a model is loaded and warm", registry=r)
-        self.reloads = Counter(
-            "atop_model_reloads", "reload attempts by result", ["result"], registry=r
-        )
+        self.reloads = Counter("atop_model_reloads", "reload attempts by result", ["result"], registry=r)
         self.images = Counter("atop_images_classified", "images answered by /classify", registry=r)
         self.suspicions = Counter(
             "atop_attack_suspicions",

@@ -23,7 +23,7 @@ from pathlib import Path
 from model_store import store
 from service.backends import Backend, BackendError, load_backend
 from service.batcher import Batcher
-from service.selftest import Facts, Refused, manifest_facts, robust_accuracy, self_test
+from service.selftest import Facts, Refused, manifest_facts, robustness_regressions, self_test
 
 log = logging.getLogger("atop.service")
 
@@ -69,19 +69,26 @@ class Registry:
         self._watcher: asyncio.Task | None = None
 
     # --- serving -----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[Slot]:
-        """The active slot, kept open until the request that holds it is done."""
+    def acquire(self) -> Slot:
+        """The active slot, leased: it stays open until ``release``, across any swap."""
         slot = self.active
         if slot is None:
             raise NotReady()
         slot.leases += 1
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        slot.leases -= 1
+        if slot.retired and slot.leases == 0:
+            self._spawn(self._close(slot))
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[Slot]:
+        slot = self.acquire()
         try:
             yield slot
         finally:
-            slot.leases -= 1
-            if slot.retired and slot.leases == 0:
-                self._spawn(self._close(slot))
+            self.release(slot)
 
     # --- loading -----------------------------------------------------------------------------
     def _prepare_blocking(self, mv: store.ModelVersion) -> tuple[dict, Facts, Backend, dict]:
@@ -97,40 +104,38 @@ class Registry:
         except BackendError as e:
             raise Refused(str(e)) from e
         try:
-            report = self_test(backend, facts, self.settings.max_batch_size, manifest.get("selftest"))
+            parity = (manifest.get("graph") or {}).get("parity")
+            report = self_test(backend, facts, self.settings.max_batch_size, parity)
         except Exception:
             backend.close()
             raise
         return manifest, facts, backend, report
 
-    def _gate(self, mv: store.ModelVersion, manifest: dict) -> None:
+    def _gate(self, manifest: dict) -> None:
         """Automatic swaps refuse a candidate whose measured robustness regressed."""
         tol = self.settings.robustness_tolerance
-        if tol is None or self.active is None:
+        if self.active is None:
             return
-        new, old = robust_accuracy(manifest), robust_accuracy(self.active.manifest)
-        if new is not None and old is not None and new < old - tol:
+        worse = robustness_regressions(manifest, self.active.manifest, tol)
+        if worse:
             raise Refused(
-                f"robust accuracy {new:.4f} is below the active version's {old:.4f} "
-                f"by more than {tol} (activate it explicitly to override)"
+                f"measured robustness regressed by more than {tol} vs v{self.active.version} "
+                f"({'; '.join(worse)}); activate it explicitly to override"
             )
 
     async def _try(self, mv: store.ModelVersion, *, gated: bool) -> Outcome:
         log.info("loading candidate %s v%d from %s", mv.name, mv.version, mv.path)
         t0 = time.perf_counter()
         try:
+            if gated:  # cheap, from the manifest list_versions validated: before any loading
+                self._gate(mv.manifest)
             manifest, facts, backend, report = await asyncio.to_thread(self._prepare_blocking, mv)
-            if gated:
-                try:
-                    self._gate(mv, manifest)
-                except Refused:
-                    await asyncio.to_thread(backend.close)
-                    raise
         except Exception as e:  # Refused, or anything unexpected: the candidate does not serve
             reason = str(e) if isinstance(e, Refused) else f"{type(e).__name__}: {e}"
             self.refused[mv.version] = reason
             self.metrics.reloads.labels("refused").inc()
-            log.warning("refused %s v%d: %s; still serving v%s", mv.name, mv.version, reason, self._active_v())
+            serving = f"still serving v{self._active_v()}" if self.active else "nothing is served yet"
+            log.warning("refused %s v%d: %s; %s", mv.name, mv.version, reason, serving)
             return Outcome("refused", self._active_v(), mv.version, reason)
         s = self.settings
         batcher = Batcher(
@@ -165,38 +170,46 @@ class Registry:
         return await asyncio.to_thread(store.list_versions, self.root, self.name)
 
     async def start(self) -> None:
-        """Load the pinned version, or the newest one that passes; raise if none does."""
+        """Load the pinned version, or the newest one that passes. If none does: raise (fail
+        fast), or with ``wait_for_model`` stay up not ready until the watcher finds one."""
         versions = await self.scan()
         if self.pinned is not None:
             versions = [v for v in versions if v.version == self.pinned]
-        if not versions:
-            what = f"version {self.pinned} of " if self.pinned else ""
-            raise RuntimeError(f"no {what}model {self.name!r} in store {self.root}")
         async with self._lock:
             for mv in sorted(versions, key=lambda v: v.version, reverse=True):
                 self.last = await self._try(mv, gated=False)
                 if self.last.result == "swapped":
                     return
-        reasons = "; ".join(f"v{v}: {r}" for v, r in sorted(self.refused.items()))
-        raise RuntimeError(f"no loadable version of {self.name!r} in {self.root}: {reasons}")
+        what = f"version {self.pinned} of " if self.pinned else ""
+        if not versions:
+            problem = f"no {what}model {self.name!r} in store {self.root}"
+        else:
+            reasons = "; ".join(f"v{v}: {r}" for v, r in sorted(self.refused.items()))
+            problem = f"no loadable {what}version of {self.name!r} in {self.root}: {reasons}"
+        if not self.settings.wait_for_model:
+            raise RuntimeError(problem)
+        log.warning("%s; not ready, waiting for the store watcher to find one", problem)
 
     async def reload(self, *, unpin: bool = False) -> Outcome:
-        """Move to the newest valid version newer than the active one (unless pinned)."""
+        """Move to the newest valid version newer than the active one, or to the pinned one."""
         async with self._lock:
             if unpin:
                 self.pinned = None
             current = self._active_v() or 0
-            if self.pinned is not None:
-                outcome = Outcome("unchanged", current, None, f"pinned to v{self.pinned}")
+            outcome = Outcome("unchanged", self._active_v(), None, "no newer version")
+            if self.pinned is not None and current == self.pinned:
+                outcome.message = f"pinned to v{self.pinned}"
+                candidates = []
+            elif self.pinned is not None:
+                candidates = [v for v in await self.scan() if v.version == self.pinned]
             else:
-                outcome = Outcome("unchanged", current, None, "no newer version")
-                versions = [v for v in await self.scan() if v.version > current]
-                for mv in sorted(versions, key=lambda v: v.version, reverse=True):
-                    if mv.version in self.refused:
-                        continue
-                    outcome = await self._try(mv, gated=True)
-                    if outcome.result == "swapped":
-                        break
+                candidates = [v for v in await self.scan() if v.version > current]
+            for mv in sorted(candidates, key=lambda v: v.version, reverse=True):
+                if mv.version in self.refused:
+                    continue
+                outcome = await self._try(mv, gated=True)
+                if outcome.result == "swapped":
+                    break
             if outcome.result == "unchanged":
                 self.metrics.reloads.labels("unchanged").inc()
             self.last = outcome
@@ -236,9 +249,10 @@ class Registry:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        if self.active is not None:
+        async with self._lock:  # let a swap in progress finish, so nothing is left open
             slot, self.active = self.active, None
-            self.metrics.set_active(None)
+        self.metrics.set_active(None)
+        if slot is not None:
             await self._close(slot)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -6,7 +6,6 @@ a ``Refused`` whose message names the problem; the registry then keeps the old v
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,16 +52,29 @@ def manifest_facts(manifest: dict) -> Facts:
     return Facts(classes, int(shape[1]), spec, copies)
 
 
-def robust_accuracy(manifest: dict) -> float | None:
-    """The worst measured robust accuracy in ``evaluation`` (None when not measured).
+def robustness_regressions(candidate: dict, active: dict, tolerance: float) -> list[str]:
+    """Measured robust accuracies of ``candidate`` more than ``tolerance`` below ``active``'s.
 
-    Reads ``evaluation.robust_accuracy``: a number, or a mapping attack -> number.
+    Entries of ``evaluation.robust`` are compared only when both manifests measured the same
+    attack, norm and eps (a different protocol is no evidence either way).
     """
-    value = (manifest.get("evaluation") or {}).get("robust_accuracy")
-    if isinstance(value, dict):
-        numbers = [v for v in value.values() if isinstance(v, int | float)]
-        return min(numbers) if numbers else None
-    return float(value) if isinstance(value, int | float) else None
+
+    def table(m: dict) -> dict:
+        out = {}
+        for r in (m.get("evaluation") or {}).get("robust") or []:
+            try:
+                out[(r["attack"], r.get("norm", "Linf"), round(float(r["eps"]), 6))] = float(r["accuracy"])
+            except (KeyError, TypeError, ValueError):
+                continue
+        return out
+
+    new, old = table(candidate), table(active)
+    worse = []
+    for key in sorted(new.keys() & old.keys()):
+        if new[key] < old[key] - tolerance:
+            attack, norm, eps = key
+            worse.append(f"{attack} {norm} eps={eps:g}: {new[key]:.4f} < {old[key]:.4f}")
+    return worse
 
 
 def _check(name: str, arr: np.ndarray | None, rows: int, k: int) -> None:
@@ -74,16 +86,15 @@ def _check(name: str, arr: np.ndarray | None, rows: int, k: int) -> None:
         raise Refused(f"self-test: {name} contains NaN or infinity")
 
 
-def self_test(backend, facts: Facts, batch: int, known: dict | None = None) -> dict:
+def self_test(backend, facts: Facts, batch: int, parity: dict | None = None) -> dict:
     """Warm the backend up and check it honours the contract. Returns measurements.
 
     1. a full batch (``batch`` rows) and a single row give finite logits of shape [B, K];
     2. the single row equals row 0 of the batch (catches batch-size-dependent graphs, e.g. a
        BatchNorm left in training mode, or rows that leak into each other);
     3. running it again gives the same answer (deterministic given the randomness);
-    4. the manifest's optional ``selftest`` known answer: {"seed", "batch", "logits", "atol"},
-       images ``rng.random((n, 3, S, S), float32)`` then ``sample_rt(spec, n, rng)`` from
-       ``default_rng(seed)``, must reproduce ``logits``.
+    4. when the exporter recorded reference logits (``graph.parity``), they are reproduced
+       (``known_answer``): right weights, right RT handling, right backend numerics.
     """
     k, s = len(facts.classes), facts.image_size
     rng = np.random.default_rng(12345)
@@ -107,27 +118,39 @@ def self_test(backend, facts: Facts, batch: int, known: dict | None = None) -> d
         raise Refused("self-test: raw_logits of a row depend on the rest of its batch")
     if not np.allclose(one, again, atol=1e-5 * scale, rtol=1e-5):
         raise Refused("self-test: the same input and randomness gave different answers")
-    return {"batch": batch, "max_abs_logit": scale, "known_answer": known_answer(backend, facts, known)}
+    return {"batch": batch, "max_abs_logit": scale, "reference_logits": known_answer(backend, facts, parity)}
 
 
-def known_answer(backend, facts: Facts, selftest: dict | None) -> bool | None:
-    """Check the manifest's recorded answer (see ``self_test`` item 4); None if there is none."""
-    if not selftest:
+def known_answer(backend, facts: Facts, parity: dict | None) -> bool | None:
+    """Replay the exporter's parity draw and compare with its recorded eager-torch logits.
+
+    ``graph.parity`` = {"seed", "batches", "tolerance", "reference_logits": one [b, K] list per
+    batch}; for each b in order, from one ``default_rng(seed)``: images
+    ``rng.random((b, 3, S, S), float32)`` then ``sample_rt(spec, b, rng)``. None when the
+    manifest records no reference logits.
+    """
+    if not parity or parity.get("reference_logits") is None:
         return None
     try:
-        seed, n = int(selftest["seed"]), int(selftest["batch"])
-        expected = np.asarray(selftest["logits"], dtype=np.float32)
-        atol = float(selftest.get("atol", 1e-3))
+        rng = np.random.default_rng(int(parity["seed"]))
+        batches = [int(b) for b in parity["batches"]]
+        refs = [np.asarray(r, dtype=np.float32) for r in parity["reference_logits"]]
+        atol = max(1e-3, 10 * float(parity.get("tolerance", 1e-4)))
     except (KeyError, TypeError, ValueError) as e:
-        raise Refused(f"manifest.json: malformed 'selftest' ({e!r})") from e
-    rng = np.random.default_rng(seed)
-    image = rng.random((n, 3, facts.image_size, facts.image_size), dtype=np.float32)
-    noise, masks = contract.sample_rt(facts.spec, n, rng)
-    try:
-        got, _ = backend.run(image, noise, masks)
-    except Exception as e:
-        raise Refused(f"self-test: inference failed on the known answer: {e}") from e
-    if got.shape != expected.shape or not np.allclose(got, expected, atol=atol, rtol=0):
-        err = math.inf if got.shape != expected.shape else float(np.abs(got - expected).max())
-        raise Refused(f"self-test: known answer not reproduced (max error {err:.3g} > {atol})")
+        raise Refused(f"manifest.json: malformed graph.parity ({e!r})") from e
+    s = facts.image_size
+    for b, expected in zip(batches, refs, strict=False):
+        image = rng.random((b, 3, s, s), dtype=np.float32)
+        noise, masks = contract.sample_rt(facts.spec, b, rng)
+        try:
+            got, _ = backend.run(image, noise, masks)
+        except Exception as e:
+            raise Refused(f"self-test: inference failed on the reference draw: {e}") from e
+        if got.shape != expected.shape:
+            raise Refused(f"self-test: reference logits have shape {expected.shape}, got {got.shape}")
+        err = float(np.abs(got - expected).max())
+        if not err <= atol:
+            raise Refused(
+                f"self-test: exporter's reference logits not reproduced (max error {err:.3g} > {atol:g})"
+            )
     return True

@@ -24,10 +24,15 @@ class Settings(BaseSettings):
     workers: int = Field(
         1, ge=1, le=64, description="uvicorn worker processes, each with its own model and batcher"
     )
-    store: Path | None = Field(None, description="model store root (default: the embedded store)")
+    store: Path | None = Field(None, description="model store root")
     model_name: str = Field("cifar10-atop", min_length=1, description="model name in the store")
     pin_version: int | None = Field(
         None, ge=1, description="serve exactly this version (default: the newest valid one)"
+    )
+    wait_for_model: bool = Field(
+        False,
+        description="start even when no version loads: not ready (503) until the watcher finds "
+        "one (default: fail at startup)",
     )
     poll_interval_s: float = Field(
         10.0, ge=0, description="seconds between store scans for new versions (0 = never)"
@@ -49,12 +54,8 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="longest wait for a batch to fill after its first request"
     )
-    queue_size: int = Field(
-        1024, ge=1, description="queued image-samples per model before requests get 429"
-    )
-    deadline_ms: float = Field(
-        10_000, gt=0, description="a request not answered within this gets 504"
-    )
+    queue_size: int = Field(1024, ge=1, description="queued image-samples per model before requests get 429")
+    deadline_ms: float = Field(10_000, gt=0, description="a request not answered within this gets 504")
     # request limits
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body (413)")
     max_pixels: int = Field(
@@ -69,12 +70,13 @@ class Settings(BaseSettings):
         None, description="if set, /v1/admin/* requires 'Authorization: Bearer <token>'"
     )
     # robustness gate for hot swaps, from the manifests' measured evaluation
-    robustness_tolerance: float | None = Field(
+    robustness_tolerance: float = Field(
         0.02,
         ge=0,
         le=1,
-        description="refuse a candidate whose robust accuracy is this much below the active "
-        "version's (none = no gate)",
+        description="automatic swaps refuse a candidate whose measured robust accuracy (same "
+        "attack, norm and eps in both manifests) is more than this below the active version's "
+        "(1 = no gate)",
     )
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
@@ -89,6 +91,8 @@ class Settings(BaseSettings):
             secret = getattr(self, name)
             if secret is not None and len(secret.get_secret_value()) < 8:
                 raise ValueError(f"{name} must be at least 8 characters when set")
+        if self.wait_for_model and self.poll_interval_s <= 0:
+            raise ValueError("wait_for_model needs a store watcher: set poll_interval_s > 0")
         return self
 
 

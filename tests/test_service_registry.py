@@ -243,3 +243,22 @@ def test_serving_imports_no_torch_and_no_training_code(service_store, tmp_path):
         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
     )
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_reference_logits_from_the_exporter_are_checked(tiny_version):
+    from atop.contract import sample_rt
+    from service.backends import OnnxBackend
+    from service.selftest import Refused, known_answer, manifest_facts
+
+    facts = manifest_facts(tiny_version.manifest)
+    be = OnnxBackend(tiny_version.path / "model.onnx", intra_op_threads=1, spinning=False)
+    rng, refs = np.random.default_rng(3), []
+    for b in (1, 3):  # the exporter's parity draw: images, then sample_rt, from one generator
+        x = rng.random((b, 3, 32, 32), dtype=np.float32)
+        refs.append(be.run(x, *sample_rt(facts.spec, b, rng))[0].tolist())
+    parity = {"seed": 3, "batches": [1, 3], "tolerance": 1e-4, "reference_logits": refs}
+    assert known_answer(be, facts, parity) is True
+    assert known_answer(be, facts, {"seed": 3, "batches": [1]}) is None  # nothing recorded
+    refs[1][2][0] += 0.1
+    with pytest.raises(Refused, match="reference logits not reproduced"):
+        known_answer(be, facts, parity)

@@ -169,6 +169,15 @@ def test_bad_requests_get_the_right_status_and_code(client, kw, status, code):
     assert body["error"]["message"]
 
 
+def test_multipart_limits(client):
+    many = [("images", (f"{i}.png", png(w=8, h=8), "image/png")) for i in range(9)]
+    err(client.post("/classify", files=many), 413, "too_many_images")
+    err(client.post("/classify", files=many[:5]), 413, "too_many_images")
+    ok(client.post("/classify", files=many[:4]))
+    bad = {"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data"}}
+    err(client.post("/classify", **bad), 400, "invalid_multipart")
+
+
 def test_unknown_route_and_method(client):
     err(client.get("/nope"), 404, "not_found")
     err(client.get("/classify"), 405, "method_not_allowed")

@@ -1,0 +1,69 @@
+"""The FastAPI app factory. Nothing is loaded at import: the model loads in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from atop import __version__
+from service.backends import load_backend
+from service.errors import install_handlers
+from service.metrics import Metrics
+from service.middleware import RequestContextMiddleware
+from service.registry import Registry
+from service.routes import admin, classify, ops
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("atop.service")
+
+DESCRIPTION = """Image classification behind the AToP defense: random transform, purifier,
+frozen classifier. Every answer names the model version that served it and carries an
+attack-suspicion signal (the undefended classifier disagrees with the defended pipeline)."""
+
+
+def create_app(settings: Settings | None = None, *, loader=load_backend) -> FastAPI:
+    """Build the app. ``settings`` default to the environment (``ATOP_*``); ``loader`` makes
+    the backend for a store version (tests pass a fake)."""
+    settings = settings or get_settings()
+    metrics = Metrics(settings.model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        registry = Registry(settings, metrics, loader=loader)
+        try:
+            await registry.start()
+        except Exception as e:
+            log.error("startup failed: %s", e)
+            await registry.aclose()
+            raise
+        registry.start_watching()
+        try:
+            yield {"registry": registry, "metrics": metrics}
+        finally:
+            await registry.aclose()
+
+    app = FastAPI(
+        title="AToP defense service",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.dependency_overrides[get_settings] = lambda: settings
+    install_handlers(app)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.include_router(classify.router)
+    app.include_router(ops.router)
+    app.include_router(admin.router)
+    return app
+
+
+def worker_app() -> FastAPI:
+    """The factory for ``--workers N``: each worker process rebuilds settings and logging from
+    the environment the parent exported."""
+    from service.logs import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)

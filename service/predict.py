@@ -1,0 +1,88 @@
+"""From decoded images to batcher rows, and from logits back to answers (numpy only).
+
+Randomness (atop.contract.sample_rt, the version's RT spec):
+
+* unseeded: one fresh generator per request, ``sample_rt(spec, n * k, rng)``;
+* ``seed=s``: every image gets its own ``default_rng(s)`` and its k draws are
+  ``sample_rt(spec, k, rng)``. The answer for an image is then a function of (image, seed,
+  samples, version) alone, wherever it sits in the request and whatever it is batched with, and
+  anyone holding the manifest can reproduce the exact purification.
+
+EOT at serving time averages the defended *probabilities* over the k draws. The undefended
+classifier is deterministic, so its logits are read from the first draw.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from atop import contract
+from service.schemas import ClassScore, ImageResult, Suspicion
+
+
+def make_rows(
+    images: np.ndarray, spec: dict, samples: int, seed: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows i*k + j = image i under draw j: (image, noise, masks)."""
+    n = len(images)
+    if seed is None:
+        noise, masks = contract.sample_rt(spec, n * samples, np.random.default_rng())
+    else:
+        draws = [contract.sample_rt(spec, samples, np.random.default_rng(seed)) for _ in range(n)]
+        if n == 1:
+            noise, masks = draws[0]
+        else:
+            noise = np.concatenate([d[0] for d in draws])
+            masks = np.concatenate([d[1] for d in draws])
+    rows = images if samples == 1 else np.repeat(images, samples, axis=0)
+    return np.ascontiguousarray(rows, dtype=np.float32), noise, masks
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def summarize(
+    logits: np.ndarray,
+    raw: np.ndarray | None,
+    *,
+    n: int,
+    samples: int,
+    classes: tuple[str, ...],
+    top_k: int,
+) -> list[ImageResult]:
+    """Per-image answers from the rows' logits [n*samples, K] (and raw logits or None)."""
+    k = len(classes)
+    probs = softmax(logits).reshape(n, samples, k).mean(axis=1)
+    raw_probs = None if raw is None else softmax(raw.reshape(n, samples, k)[:, 0])
+    top_k = min(top_k, k)
+    out = []
+    for i in range(n):
+        order = np.argsort(-probs[i], kind="stable")[:top_k]
+        best = int(order[0])
+        suspicion = None
+        if raw_probs is not None:
+            raw_best = int(np.argmax(raw_probs[i]))
+            suspicion = Suspicion(
+                suspicious=raw_best != best,
+                score=round(float(0.5 * np.abs(probs[i] - raw_probs[i]).sum()), 6),
+                undefended_label=classes[raw_best],
+                undefended_class_index=raw_best,
+                undefended_probability=float(raw_probs[i, raw_best]),
+            )
+        out.append(
+            ImageResult(
+                index=i,
+                label=classes[best],
+                class_index=best,
+                probability=float(probs[i, best]),
+                top_k=[
+                    ClassScore(label=classes[c], class_index=int(c), probability=float(probs[i, c]))
+                    for c in order
+                ],
+                suspicion=suspicion,
+            )
+        )
+    return out

@@ -1,0 +1,119 @@
+"""POST /classify: images in, defended labels with an attack-suspicion signal out."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from service.batcher import BatcherClosed, DeadlineExceeded, InferenceFailed, QueueFull
+from service.decode import decode_many
+from service.deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
+from service.errors import ApiError
+from service.inputs import ClassifyOptions, parse_options, parse_request
+from service.logs import current_request_id
+from service.predict import make_rows, summarize
+from service.registry import NotReady
+from service.schemas import ERROR_RESPONSES, ClassifyResponse, ModelRef, Timing
+
+router = APIRouter(tags=["classify"])
+
+
+_BODY_DOC = {
+    "requestBody": {
+        "description": "one image as the raw body (image/png, image/jpeg, image/webp, image/bmp), "
+        "images as multipart/form-data files, or JSON "
+        '{"images": ["<base64>", ...], "top_k": 3, "samples": 4, "seed": 7}',
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {"type": "object"}},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    }
+}
+
+
+def _check_caps(opts: ClassifyOptions, settings) -> None:
+    if opts.samples > settings.max_samples:
+        raise ApiError(
+            422,
+            "invalid_options",
+            f"samples={opts.samples} exceeds this server's cap of {settings.max_samples}",
+        )
+    if opts.top_k > settings.max_top_k:
+        raise ApiError(
+            422, "invalid_options", f"top_k={opts.top_k} exceeds this server's cap of {settings.max_top_k}"
+        )
+
+
+def _prepare(blobs, slot, opts, max_pixels):
+    """Decode and sample the randomness: CPU work, run in the threadpool."""
+    images = decode_many(blobs, size=slot.facts.image_size, max_pixels=max_pixels)
+    return len(images), make_rows(images, slot.facts.spec, opts.samples, opts.seed)
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=_BODY_DOC,
+    dependencies=[Depends(require_api_key)],
+    summary="Classify images through the AToP defense",
+)
+async def classify(
+    request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
+) -> ClassifyResponse:
+    """Options (query string or body): ``top_k``, ``samples`` (EOT draws averaged, capped by the
+    server), ``seed`` (reproducible randomness), ``deadline_ms`` (shorter than the server's)."""
+    t0 = time.perf_counter()
+    blobs, body_options = await parse_request(
+        request, max_body=settings.max_body_bytes, max_images=settings.max_images
+    )
+    opts = parse_options(dict(request.query_params), body_options)
+    _check_caps(opts, settings)
+    deadline_ms = min(settings.deadline_ms, opts.deadline_ms or settings.deadline_ms)
+    try:
+        slot = registry.acquire()
+    except NotReady:
+        raise ApiError(503, "not_ready", "no model version is loaded yet", {"Retry-After": "5"}) from None
+    try:  # the request finishes on the version it started with, even across a swap
+        n, (rows, noise, masks) = await run_in_threadpool(_prepare, blobs, slot, opts, settings.max_pixels)
+        remaining = deadline_ms / 1000.0 - (time.perf_counter() - t0)
+        if remaining <= 0:
+            raise DeadlineExceeded()
+        job = await slot.batcher.infer(rows, noise, masks, remaining)
+    except QueueFull as e:
+        raise ApiError(
+            429, "queue_full", "the server is busy; retry later", {"Retry-After": str(e.retry_after)}
+        ) from None
+    except DeadlineExceeded:
+        raise ApiError(504, "deadline_exceeded", f"not answered within {deadline_ms:g} ms") from None
+    except BatcherClosed:
+        raise ApiError(503, "unavailable", "the model is shutting down", {"Retry-After": "1"}) from None
+    except InferenceFailed:
+        raise ApiError(500, "inference_failed", "the model failed on this batch") from None
+    finally:
+        registry.release(slot)
+    results = summarize(
+        job.logits, job.raw, n=n, samples=opts.samples, classes=slot.facts.classes, top_k=opts.top_k
+    )
+    metrics.images.inc(n)
+    flagged = sum(1 for r in results if r.suspicion is not None and r.suspicion.suspicious)
+    if flagged:
+        metrics.suspicions.inc(flagged)
+    total = time.perf_counter() - t0
+    queue_s = (job.started or job.enqueued) - job.enqueued
+    return ClassifyResponse(
+        request_id=current_request_id() or "",
+        model=ModelRef(name=slot.name, version=slot.version),
+        samples=opts.samples,
+        seed=opts.seed,
+        results=results,
+        timing=Timing(
+            queue_ms=round(queue_s * 1000, 3),
+            inference_ms=round(job.inference_s * 1000, 3),
+            total_ms=round(total * 1000, 3),
+            batch_rows=list(job.batches),
+        ),
+    )
