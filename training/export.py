@@ -173,6 +173,7 @@ def check_parity(pipeline: DefendedPipeline, files: dict[str, Path], seed: int, 
     with _quiet():
         scripted = torch.jit.load(str(files[TORCHSCRIPT_FILE])) if TORCHSCRIPT_FILE in files else None
     diffs = {"onnx": 0.0, "onnx_raw": 0.0} | ({"torchscript": 0.0} if scripted is not None else {})
+    references = []  # eager logits per batch: the service replays this draw as a known answer
     for b in (1, 3):
         x = rng.random((b, 3, s, s), dtype=np.float32)
         noise, masks = contract.sample_rt(pipeline.spec.to_dict(), b, rng)
@@ -186,6 +187,7 @@ def check_parity(pipeline: DefendedPipeline, files: dict[str, Path], seed: int, 
             [contract.OUTPUT_LOGITS, contract.OUTPUT_RAW_LOGITS],
             {contract.INPUT_IMAGE: x, contract.INPUT_NOISE: noise, contract.INPUT_MASKS: masks},
         )
+        references.append(ref.tolist())
         diffs["onnx"] = max(diffs["onnx"], float(np.abs(out - ref).max()))
         diffs["onnx_raw"] = max(diffs["onnx_raw"], float(np.abs(out_raw - raw).max()))
     bad = {k: v for k, v in diffs.items() if not v <= tol}
@@ -194,7 +196,13 @@ def check_parity(pipeline: DefendedPipeline, files: dict[str, Path], seed: int, 
             f"parity check failed (tolerance {tol}): max abs logits difference {bad}; not published"
         )
     log.info("parity vs eager torch: %s", {k: f"{v:.2e}" for k, v in diffs.items()})
-    return {"tolerance": tol, "seed": seed, "batches": [1, 3], "max_abs_diff": diffs}
+    return {
+        "tolerance": tol,
+        "seed": seed,
+        "batches": [1, 3],
+        "max_abs_diff": diffs,
+        "reference_logits": references,
+    }
 
 
 def run(cfg: ExportConfig) -> ModelVersion:
