@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, *, loader=load_backend) -> Fast
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    app.dependency_overrides[get_settings] = lambda: settings
+    app.state.settings = settings  # the SettingsDep of every route (service/deps.py)
     install_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(classify.router)

@@ -1,5 +1,11 @@
 """Dependencies: the settings, the lifespan's registry and metrics, and the two credentials.
 
+They are ``async def`` on purpose: each is a few attribute reads, and a plain ``def`` dependency
+costs a threadpool round trip per request. The settings are the app's (``create_app`` stores
+them in ``app.state``), not a ``dependency_overrides`` entry: with any override present, FastAPI
+re-inspects every dependency's signature on every request. Together these cost about 40% of the
+server's CPU per /classify request (bench/load.py, docs/benchmarks.md).
+
 * ``/classify``: when ``api_key`` is set, ``X-API-Key: <key>`` is required.
 * ``/v1/admin/*``: when ``admin_token`` is set, ``Authorization: Bearer <token>`` is required.
 
@@ -18,16 +24,21 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.registry import Registry
-from service.settings import Settings, get_settings
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+from service.settings import Settings
 
 
-def get_registry(request: Request) -> Registry:
+async def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+async def get_registry(request: Request) -> Registry:
     return request.state.registry
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.state.metrics
 
 
@@ -39,7 +50,7 @@ def _same(given: str, secret) -> bool:
     return hmac.compare_digest(given.encode(), secret.get_secret_value().encode())
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep,
     x_api_key: Annotated[str | None, Header(description="required when the server sets an API key")] = None,
 ) -> None:
@@ -54,7 +65,7 @@ def require_api_key(
 _bearer = HTTPBearer(auto_error=False, description="the admin token, when the server sets one")
 
 
-def require_admin(
+async def require_admin(
     settings: SettingsDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

@@ -1,8 +1,8 @@
 """Service settings: environment variables ``ATOP_<NAME>`` and the ``atop serve`` flags.
 
-Read once through the cached ``get_settings()`` dependency (tests override it or pass a
-``Settings`` to ``create_app``). Invalid values fail at startup with a one-line error, never at
-the first request.
+Read once through the cached ``get_settings()``, the default of ``create_app``, which keeps them
+in ``app.state`` for the routes' ``SettingsDep`` (tests pass a ``Settings`` to ``create_app``).
+Invalid values fail at startup with a one-line error, never at the first request.
 """
 
 from __future__ import annotations
