@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,24 @@ def test_ddp_two_processes_end_with_identical_replicas(data, tmp_path):
     assert "replica check: " in res.stderr and "identical on 2 ranks" in res.stderr
     # Each replica saw half the data: 96 images / 2 ranks / batch 8 = 6 steps per epoch.
     assert load_checkpoint(tmp_path / "final.safetensors").header["step"] == 12
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = f"-m atop.cli train classifier --data {data} --out {tmp_path} {TINY_CLASSIFIER} --epochs 400"
+    proc = subprocess.Popen(
+        [sys.executable, *cmd.split(), "--batch-size", "8", "--threads", "1"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "checkpoint saved, continue with --resume" in err
+    step = load_checkpoint(tmp_path / "last.safetensors").header["step"]
+    assert 12 <= step < 4800  # past the first epoch, well before the end
+    assert not (tmp_path / "final.safetensors").exists()

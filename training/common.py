@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +203,7 @@ def train_loop(
     ``epoch_end_fn(step, epoch_fraction, train_means) -> metrics`` (evaluation, rank 0).
     Returns (last step, total steps, last metrics).
     """
-    from training.data import batches, steps_per_epoch
+    from training.data import steps_per_epoch
 
     spe = steps_per_epoch(train_split, spec.batch_size, info.world_size)
     if spe == 0:
@@ -213,30 +216,71 @@ def train_loop(
     bar = progress(stop, min(step, stop), spec.desc, info)
     saver = Checkpointer(spec.checkpoint_every_s)
     metrics: dict = {}
-    while step < stop:
-        gen = torch.Generator().manual_seed(spec.seed * 1000 + step // spe)
-        sums: dict[str, float] = {}
-        n = 0
-        it = batches(
-            train_split, spec.batch_size, gen=gen, train=True, rank=info.rank, world_size=info.world_size
-        )
-        for i, (x, y) in enumerate(it):
-            if i < step % spe:  # resuming mid-epoch: replay the order, skip what was done
-                continue
-            if step >= stop:
-                break
-            stats = step_fn(x.to(info.device), y.to(info.device), step, total)
-            step += 1
-            n += 1
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.update(1)
-            bar.set_postfix({k: f"{v / n:.3g}" for k, v in sums.items()}, refresh=False)
-            if saver.due():
-                save_fn(step, None)
-        means = all_mean({k: v / max(n, 1) for k, v in sums.items()}, info)
-        metrics = {"epoch": round(step / spe, 3), "step": step, **epoch_end_fn(step, means)}
-        runlog.write(**metrics)
-        save_fn(step, metrics)
+    with _stop_on_signal(info) as stopped:
+        while step < stop:
+            step, metrics = _one_epoch(
+                spec, info, train_split, step, stop, spe, bar, saver, stopped, step_fn, save_fn
+            )
+            means = metrics.pop("_means")
+            metrics = {"epoch": round(step / spe, 3), "step": step, **epoch_end_fn(step, means)}
+            runlog.write(**metrics)
+            save_fn(step, metrics)
     bar.close()
     return step, total, metrics
+
+
+@contextlib.contextmanager
+def _stop_on_signal(info: DistInfo):
+    """SIGTERM/SIGINT ask a single-process run to checkpoint and exit after the current step.
+
+    Under DDP the default handlers stay: ranks would otherwise stop at different steps and hang
+    in the next all-reduce; torchrun's own shutdown applies, and the periodic checkpoint is the
+    resume point.
+    """
+    stopped: list[int] = []
+    if info.world_size > 1 or threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+    previous = {
+        s: signal.signal(s, lambda signum, _frame: stopped.append(signum))
+        for s in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield stopped
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _one_epoch(spec, info, train_split, step, stop, spe, bar, saver, stopped, step_fn, save_fn):
+    """Steps until the epoch (or the run) ends; returns (step, {"_means": train means})."""
+    from training.data import batches
+
+    gen = torch.Generator().manual_seed(spec.seed * 1000 + step // spe)
+    sums: dict[str, float] = {}
+    n = 0
+    it = batches(
+        train_split, spec.batch_size, gen=gen, train=True, rank=info.rank, world_size=info.world_size
+    )
+    for i, (x, y) in enumerate(it):
+        if i < step % spe:  # resuming mid-epoch: replay the order, skip what was done
+            continue
+        if step >= stop:
+            break
+        stats = step_fn(x.to(info.device), y.to(info.device), step, spe * spec.epochs)
+        step += 1
+        n += 1
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.update(1)
+        bar.set_postfix({k: f"{v / n:.3g}" for k, v in sums.items()}, refresh=False)
+        if saver.due():
+            save_fn(step, None)
+        if stopped:
+            save_fn(step, None)
+            bar.close()
+            log.warning(
+                "stopped by signal %d at step %d; checkpoint saved, continue with --resume", stopped[0], step
+            )
+            raise SystemExit(128 + stopped[0])
+    return step, {"_means": all_mean({k: v / max(n, 1) for k, v in sums.items()}, info)}
