@@ -19,8 +19,10 @@ stage purifier atop train purifier --data "$DATA" --width 64 --epochs 40 --batch
 stage atop atop train finetune --data "$DATA" --width 64 --epochs 5 --adv pgd --adv-steps 10 --adv-eot 4 \
   --lam 0.1 --clean-fraction 0.5 --batch-size 256 \
   --classifier "$RUNS/classifier/final.safetensors" --purifier "$RUNS/purifier/final.safetensors"
+# The full protocol (docs/evaluation.md), resumable from RUNS/eval-<model>.state.json; all five
+# rows of the results table: recipes/eval_full.sh (add --device cuda to its rows on a GPU).
 for model in purifier atop; do
   atop eval --data "$DATA" --classifier "$RUNS/classifier/final.safetensors" \
-    --purifier "$RUNS/$model/final.safetensors" --n 512 --attack pgd --eps 8/255 --steps 200 --alpha 0.007 \
-    --eot 20 --samples 16 --batch-size 256 --out "$RUNS/eval-$model.json"
+    --purifier "$RUNS/$model/final.safetensors" --preset leekim --n 512 --samples 16 --batch-size 256 \
+    --device cuda --out "$RUNS/eval-$model"
 done

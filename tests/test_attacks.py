@@ -111,3 +111,24 @@ def test_bpda_uses_the_approximation_backwards():
     assert torch.equal(out, torch.round(x.detach() * 4) / 4)
     (out * torch.arange(5.0)).sum().backward()
     assert torch.equal(x.grad, torch.arange(5.0))  # identity gradient
+
+
+def test_attack_restores_each_submodule_mode():
+    """A wrapper in training mode around a frozen classifier in eval mode: after the attack the
+    classifier (and its BatchNorm) must still be in eval mode, the wrapper in training mode."""
+    inner = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    inner(torch.rand(2, 3, 8, 8))
+    inner.eval()
+    wrapper = nn.Sequential(inner)  # new modules start in training mode
+    assert wrapper.training and not inner.training
+    stats = inner[1].running_mean.clone()
+    pgd(
+        wrapper,
+        torch.rand(4, 3, 8, 8),
+        torch.zeros(4, dtype=torch.long),
+        eps=0.03,
+        steps=2,
+        gen=torch.Generator().manual_seed(0),
+    )
+    assert wrapper.training and not inner.training and not inner[1].training
+    assert torch.equal(stats, inner[1].running_mean)

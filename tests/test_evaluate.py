@@ -1,17 +1,33 @@
-"""``atop eval`` core on tiny models: undefended accuracy falls under PGD, results fit the
-manifest's evaluation schema, and runs for different attacks merge into one file."""
+"""``atop eval`` end to end on tiny trained models: undefended accuracy falls under PGD; results
+fit the manifest's evaluation schema and merge across runs; the outputs (JSON, Markdown, SVG,
+sanity block) are written; EOT 1 is refused on a randomized model; an interrupted run resumes
+to the numbers of an uninterrupted one; the baselines are built from the same checkpoints; a
+store version is attacked through its TorchScript file and ``--record`` publishes a new
+version with the same files; the results table is generated from eval JSONs."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import torch
 
 from atop.cli import main as atop
+from model_store import verify
 from model_store.manifest import Evaluation
 from tests.tiny_data import write_folder
-from training.evaluate import EvalConfig, run
+from training import eval_runner
+from training.evaluate import EvalConfig, build_target, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Killed(Exception):
+    pass
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +51,14 @@ def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
     return data, base / "c" / "final.safetensors", base / "p" / "final.safetensors"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_pgd_breaks_the_undefended_classifier(trained):
     data, clf, _ = trained
     cfg = EvalConfig(data=str(data), classifier=str(clf), n=48, clean_n=48, eps=0.25, steps=10)
@@ -42,6 +66,9 @@ def test_pgd_breaks_the_undefended_classifier(trained):
     rob = res["robust"][0]
     assert res["clean_accuracy"] > 0.9
     assert rob["accuracy"] < 0.2 and rob["eot"] == 1 and rob["attack"] == "pgd"
+    checks = {c["name"]: c["status"] for c in res["sanity"]["checks"]}
+    assert checks["undefended_pgd"] == "pass" and checks["randomness"] == "pass"
+    assert not res["target"]["randomized"] and res["target"]["role"] == "undefended"
 
 
 def test_pipeline_results_merge_and_fit_the_manifest(trained, tmp_path):
@@ -50,10 +77,162 @@ def test_pipeline_results_merge_and_fit_the_manifest(trained, tmp_path):
     common = dict(
         data=str(data), classifier=str(clf), purifier=str(pur), n=8, clean_n=16, samples=2, out=str(out)
     )
-    run(EvalConfig(**common, steps=2, eot=2))
-    run(EvalConfig(**common, attack="fgsm", norm="l2", eps=0.5, eot=2))
+    run(EvalConfig(**common, steps=2, eot=2, sanity=False))
+    run(EvalConfig(**common, attacks=("fgsm",), norm="l2", eps=0.5, eot=2, sanity=False))
     saved = json.loads(out.read_text())
     Evaluation.model_validate(saved)
     assert [(r["attack"], r["norm"]) for r in saved["robust"]] == [("pgd-eot", "Linf"), ("fgsm-eot", "L2")]
     for r in saved["robust"]:
         assert 0 <= r["accuracy"] <= 1 and r["eot"] == 2 and r["n_images"] == 8
+
+
+def test_outputs_sanity_block_and_plot(trained, tmp_path):
+    data, clf, pur = trained
+    cfg = EvalConfig(
+        data=str(data),
+        classifier=str(clf),
+        purifier=str(pur),
+        attacks=("pgd", "autoattack-rand", "square", "flow"),
+        eps=0.25,
+        steps=3,
+        eot=2,
+        square_queries=30,
+        sweep=True,
+        convergence_n=4,
+        n=8,
+        clean_n=16,
+        samples=2,
+        out=str(tmp_path / "ap"),
+    )
+    res = run(cfg)
+    names = {c["name"] for c in res["sanity"]["checks"]}
+    assert {
+        "randomness",
+        "undefended_pgd",
+        "convergence",
+        "eps_monotone_linf",
+        "eps_reaches_zero_l2",
+    } <= names
+    assert any(n.startswith("whitebox_le_blackbox_linf") for n in names)
+    assert res["target"]["role"] == "ap" and res["target"]["randomized"]
+    assert [r["attack"] for r in res["robust"]] == ["pgd-eot", "autoattack-rand", "square", "flow-eot"]
+    assert res["robust"][2]["cascade_after"] == ["pgd-eot", "autoattack-rand"]
+    assert res["cost"]["gradient_ms_per_image"] > 0 and res["sweep"]
+    Evaluation.model_validate(json.loads((tmp_path / "ap.json").read_text()))
+    md = (tmp_path / "ap.md").read_text()
+    assert "| pgd-eot | Linf 63.8/255 |" in md and "## Sanity checks" in md
+    assert ET.fromstring((tmp_path / "ap.svg").read_text()).tag.endswith("svg")
+    assert (tmp_path / "ap.state.json").is_file()
+
+
+def test_eot_1_is_refused_on_a_randomized_model(trained):
+    data, clf, pur = trained
+    cfg = EvalConfig(
+        data=str(data), classifier=str(clf), purifier=str(pur), eot=1, n=4, clean_n=4, sanity=False
+    )
+    with pytest.raises(ValueError, match="randomized"):
+        run(cfg)
+    assert run(EvalConfig(**{**cfg.__dict__, "force": True, "steps": 1}))["robust"][0]["eot"] == 1
+
+
+def test_an_interrupted_run_resumes_to_the_same_numbers(trained, tmp_path, monkeypatch):
+    data, clf, pur = trained
+    common = dict(data=str(data), classifier=str(clf), purifier=str(pur), attacks=("pgd", "square"))
+    common |= dict(eps=0.25, steps=2, eot=2, square_queries=20, n=16, clean_n=8, samples=2, batch_size=4)
+    common |= dict(sanity=False)
+    reference = run(EvalConfig(**common, out=str(tmp_path / "ref")))
+    real, calls, armed = eval_runner.run_attack, [], [True]
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if armed[0] and len(calls) == 3:
+            raise Killed("the machine went down")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(eval_runner, "run_attack", flaky)
+    with pytest.raises(Killed):
+        run(EvalConfig(**common, out=str(tmp_path / "cut")))
+    calls.clear()
+    armed[0] = False
+    resumed = run(EvalConfig(**common, out=str(tmp_path / "cut")))
+    batches = sum(-(-r["attacked"] // 4) for r in reference["robust"])
+    assert len(calls) == batches - 2  # the two finished batches are not attacked again
+    for a, b in zip(reference["robust"], resumed["robust"], strict=True):
+        assert (a["accuracy"], a["accuracy_single_draw"]) == (b["accuracy"], b["accuracy_single_draw"])
+    with pytest.raises(ValueError, match="different evaluation"):
+        run(EvalConfig(**{**common, "seed": 1}, out=str(tmp_path / "cut")))
+
+
+def test_baselines_from_the_same_checkpoints(trained, tmp_path):
+    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.classifier import load_classifier
+
+    data, clf, pur = trained
+    base = dict(data=str(data), classifier=str(clf))
+    assert build_target(EvalConfig(**base)).role == "undefended"
+    rt = build_target(EvalConfig(**base, purifier=str(pur), defense="rt"))
+    assert rt.role == "rt-only" and rt.randomized and rt.spec.kind == "rt2"
+    assert build_target(EvalConfig(**base, defense="rt", rt="rt3")).spec.kind == "rt3"
+    assert build_target(EvalConfig(**base, purifier=str(pur))).role == "ap"
+    ck = load_checkpoint(clf)
+    at_path = save_checkpoint(
+        tmp_path / "at.safetensors",
+        models={"classifier": load_classifier(clf)},
+        config=ck.config | {"train": ck.config["train"] | {"adversarial": "pgd"}},
+        step=1,
+        epoch=0,
+    )
+    at = build_target(EvalConfig(data=str(data), classifier=str(at_path)))
+    assert at.role == "at" and at.adversarially_trained and not at.randomized
+    x = torch.rand(2, 3, 32, 32)
+    logits = rt.stochastic(torch.Generator().manual_seed(0))(x)
+    assert logits.shape == (2, rt.classifier.fc.out_features)
+
+
+@pytest.mark.slow  # one ONNX + TorchScript export, ~10 s
+def test_store_version_is_attacked_and_recorded(trained, tmp_path):
+    from training import export
+    from training.transforms import sample_rt
+
+    data, clf, pur = trained
+    store = tmp_path / "store"
+    export.run(export.ExportConfig(str(clf), str(pur), str(store), name="tiny"))  # 10 outputs
+    cfg = EvalConfig(data=str(data), store=str(store), model="tiny", version=1, eps=0.25, steps=2, eot=2)
+    target = build_target(cfg)
+    eager = build_target(EvalConfig(data=str(data), classifier=str(clf), purifier=str(pur)))
+    x = torch.rand(3, 3, 32, 32, requires_grad=True)
+    d = sample_rt(target.spec, 3, torch.Generator().manual_seed(0))
+    (g_store,) = torch.autograd.grad(target.pipeline(x, d.noise, d.masks).sum(), x)
+    (g_eager,) = torch.autograd.grad(eager.pipeline(x, d.noise, d.masks).sum(), x)
+    assert torch.allclose(g_store, g_eager, atol=1e-5)  # the deployed graph, exact gradients
+    res = run(EvalConfig(**{**cfg.__dict__, "n": 8, "clean_n": 8, "samples": 2, "record": True}))
+    assert res["target"]["source"]["version"] == 1 and res["recorded_as"]["version"] == 2
+    v1, v2 = verify(store / "tiny" / "1"), verify(store / "tiny" / "2")
+    assert v1["files"] == v2["files"] and v1["evaluation"] == {}
+    assert v2["evaluation"]["robust"][0]["attack"] == "pgd-eot" and "sanity" in v2["evaluation"]
+    assert v2["provenance"]["derived_from"]["version"] == 1
+    with pytest.raises(ValueError, match="store version"):
+        run(EvalConfig(data=str(data), classifier=str(clf), n=4, clean_n=4, record=True, sanity=False))
+
+
+def test_results_table(trained, tmp_path):
+    data, clf, pur = trained
+    common = dict(data=str(data), classifier=str(clf), n=8, clean_n=8, samples=2, sanity=False)
+    common |= dict(attacks=("pgd", "square"), eps=8 / 255, steps=2, eot=2, square_queries=10)
+    run(EvalConfig(**common, out=str(tmp_path / "undefended")))
+    run(EvalConfig(**common, purifier=str(pur), out=str(tmp_path / "ap")))
+    out = tmp_path / "results.md"
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "results_table.py"),
+            "--row",
+            f"undefended={tmp_path}/undefended.json",
+        ]
+        + ["--row", f"AP={tmp_path}/ap.json", "--out", str(out)],
+        check=True,
+        cwd=REPO,
+    )
+    text = out.read_text()
+    assert "| undefended |" in text and "| AP |" in text and "72.85%" in text
+    assert "†" in text and "### Protocol" in text

@@ -27,15 +27,20 @@ Model = Callable[[torch.Tensor], torch.Tensor]
 
 @contextlib.contextmanager
 def eval_mode(model: Model):
-    modules = [model] if isinstance(model, nn.Module) else []
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
+    """Eval mode for the attack; afterwards every submodule gets back its *own* mode.
+
+    Restoring with ``model.train(mode)`` would be wrong: it is recursive, so a wrapper built in
+    training mode around a frozen classifier in eval mode would leave that classifier's
+    BatchNorm in training mode after the attack.
+    """
+    saved = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    if isinstance(model, nn.Module):
+        model.eval()
     try:
         yield
     finally:
-        for m, mode in zip(modules, modes, strict=True):
-            m.train(mode)
+        for m, mode in saved:
+            m.training = mode
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

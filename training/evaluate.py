@@ -1,17 +1,20 @@
-"""``atop eval``: accuracy of the defended pipeline under white-box attacks with EOT.
+"""``atop eval``: robustness of the deployed pipeline (or a baseline) the way a skeptical
+reviewer would measure it. Protocol and reasons: docs/evaluation.md.
 
-The attacked model is the whole pipeline f(g(t(x))) with exact gradients through the random
-transform, the purifier and the classifier; every attack step averages the gradient over
-``--eot`` fresh draws of the randomness. Final adversarial examples are then scored three ways:
+What is attacked (training/eval_targets.py): a model-store version (its TorchScript file, after
+verification, through ``forward_with`` with our own draws of its RT randomness) or checkpoints;
+``--defense`` picks the row: ``none`` (the classifier alone: undefended or AT), ``rt`` (random
+transform only) or ``full`` (RT + purifier: AP or AToP, from the purifier checkpoint's stage).
 
-* ``vote`` — the service's answer with ``samples=k``: argmax of the softmax averaged over k
-  fresh draws (what a client receives);
-* ``single`` — accuracy of one random draw, averaged over the same k draws (what a client
-  gets from ``samples=1``, in expectation);
-* ``fixed`` — one fixed draw of the randomness, the same one for every evaluation.
-
-Checks and the full protocol table (AutoAttack-rand, Square, the unseen attack, sanity checks)
-belong to the evaluation issue; this module is the core they build on.
+Attacks (training/eval_attacks.py, presets in training/eval_protocol.py) run on the whole
+pipeline with exact gradients and EOT, cascade within a threat model, and are scored by the
+service's rule (vote over ``--samples`` draws), with single-draw and fixed-draw accuracy beside
+it (training/eval_runner.py). Sanity checks run automatically (training/sanity.py); failures
+are printed as WARNING lines and stored in the ``sanity`` block. Everything is resumable: the
+state file ``<out>.state.json`` is rewritten after every batch. Outputs: ``<out>.json`` (the
+manifest's evaluation shape, merged with earlier runs into the same file), ``<out>.md`` and
+``<out>.svg`` (robust accuracy against ε). ``--record`` publishes the store version again with
+these numbers (training/eval_record.py).
 """
 
 from __future__ import annotations
@@ -19,18 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from training.attacks import fgsm, pgd
-from training.classifier import load_classifier
-from training.data import batches, load_split
-from training.purifier import DefendedPipeline, StochasticPipeline, load_pipeline
-from training.transforms import RTSpec, sample_rt
+from training import eval_protocol
+from training.eval_attacks import ATTACKS
+from training.eval_core import evaluate
+from training.eval_record import merge_robust, record
+from training.eval_report import markdown, svg_plot
+from training.eval_targets import DEFENSES, Target, from_checkpoints, from_store
+from training.transforms import RTSpec
 
 log = logging.getLogger("atop.eval")
 
@@ -38,158 +41,114 @@ log = logging.getLogger("atop.eval")
 @dataclass(frozen=True)
 class EvalConfig:
     data: str
-    classifier: str
-    purifier: str = ""  # empty: the undefended classifier
-    out: str = ""
-    n: int = 512  # test images (seeded subset)
-    clean_n: int = 10000  # images for clean accuracy
-    attack: str = "pgd"  # pgd | fgsm | none
+    classifier: str = ""  # checkpoints ...
+    purifier: str = ""
+    store: str = ""  # ... or a store version
+    model: str = "cifar10-atop"
+    version: int = 0  # 0 = the newest valid one
+    defense: str = "auto"  # auto | none | rt | full
+    rt: str = ""  # RT kind for --defense rt without a purifier
+    noise_std: float = -1.0  # override the deployed σ (-1 = keep)
+    out: str = ""  # <out>.json/.md/.svg and the state file <out>.state.json
+    preset: str = "custom"  # custom | quick | leekim
+    attacks: tuple[str, ...] = ("pgd",)  # custom protocol
     norm: str = "linf"
     eps: float = 8 / 255
     steps: int = 20
     alpha: float = 0.0  # 0 = 2.5·eps/steps
     eot: int = 8
-    samples: int = 8  # draws used to score each final example
-    noise_std: float = -1.0  # override the deployed σ (-1 = keep)
+    square_queries: int = 1000
+    cascade: bool = True
+    sweep: bool = False  # custom protocol: add the ε sweep
+    sweep_n: int = 0  # 0 = the preset's (custom: all images)
+    convergence_n: int = -1  # -1 = the preset's (custom: 0, no check)
+    n: int = 512  # attacked test images (seeded subset)
+    clean_n: int = 10000  # images for clean accuracy
+    samples: int = 8  # draws per answer (vote rule)
     batch_size: int = 64
     seed: int = 0
+    device: str = "cpu"  # cuda: models and images on the GPU (draws are made on the CPU and moved)
+    sanity: bool = True
+    zero_tol: float = 0.05  # "~0%" in the sanity checks
+    force: bool = False  # allow EOT 1 on a randomized model
+    record: bool = False
 
 
-def build_model(cfg: EvalConfig) -> tuple[nn.Module, DefendedPipeline | None]:
-    if not cfg.purifier:
-        return load_classifier(cfg.classifier), None
-    pipe = load_pipeline(cfg.classifier, cfg.purifier)
-    if cfg.noise_std >= 0:
-        spec = RTSpec.from_dict({**pipe.spec.to_dict(), "noise_std": cfg.noise_std})
-        pipe = DefendedPipeline(pipe.purifier, pipe.classifier, spec).eval()
-    return pipe.requires_grad_(False), pipe
+def build_target(cfg: EvalConfig) -> Target:
+    return _target(cfg).to(cfg.device)
 
 
-@torch.no_grad()
-def score(
-    pipe: DefendedPipeline | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, samples: int, seed: int
-) -> dict[str, torch.Tensor]:
-    """Per-example correctness [B] under the vote, single and fixed rules."""
-    if pipe is None:
-        ok = (model(x).argmax(1) == y).float()
-        return {"vote": ok, "single": ok, "fixed": ok}
-    gen = torch.Generator().manual_seed(seed)
-    probs = torch.zeros(x.shape[0], pipe.classifier.cfg.num_classes)
-    single = torch.zeros(x.shape[0])
-    for _ in range(samples):
-        s = sample_rt(pipe.spec, x.shape[0], gen)
-        p = pipe(x, s.noise, s.masks).softmax(1)
-        probs += p
-        single += (p.argmax(1) == y).float()
-    fixed_draw = sample_rt(pipe.spec, x.shape[0], torch.Generator().manual_seed(10_000 + seed))
-    fixed = (pipe(x, fixed_draw.noise, fixed_draw.masks).argmax(1) == y).float()
-    return {"vote": (probs.argmax(1) == y).float(), "single": single / samples, "fixed": fixed}
+def _target(cfg: EvalConfig) -> Target:
+    if cfg.store:
+        if cfg.noise_std >= 0 or cfg.rt:
+            raise ValueError(
+                "--noise-std/--rt cannot change a store version; evaluate its checkpoints instead"
+            )
+        return from_store(cfg.store, cfg.model, cfg.version, cfg.defense)
+    if not cfg.classifier:
+        raise ValueError("give --classifier (checkpoints) or --store (a model-store version)")
+    spec = None
+    if cfg.purifier and cfg.noise_std >= 0:
+        from training.purifier import load_purifier
+
+        spec = RTSpec.from_dict({**load_purifier(cfg.purifier)[1].to_dict(), "noise_std": cfg.noise_std})
+    elif not cfg.purifier and (cfg.rt or cfg.defense == "rt"):
+        spec = RTSpec(kind=cfg.rt or "rt2", **({"noise_std": cfg.noise_std} if cfg.noise_std >= 0 else {}))
+    return from_checkpoints(cfg.classifier, cfg.purifier, cfg.defense, spec)
 
 
-def clean_accuracy(cfg: EvalConfig, model, pipe, test) -> dict:
-    split = test.subset(cfg.clean_n, seed=cfg.seed)
-    sums = {"vote": 0.0, "single": 0.0, "fixed": 0.0}
-    for i, (x, y) in enumerate(batches(split, 500)):
-        res = score(pipe, model, x, y, samples=1, seed=cfg.seed * 7919 + i)
-        for k in sums:
-            sums[k] += float(res[k].sum())
-    return {"n": len(split), "accuracy": sums["single"] / len(split), "draws_per_image": 1}
+def build_protocol(cfg: EvalConfig) -> eval_protocol.Protocol:
+    sizes = {"sweep_n": cfg.sweep_n} if cfg.sweep_n > 0 else {}
+    if cfg.convergence_n >= 0:
+        sizes["convergence_n"] = cfg.convergence_n
+    if cfg.preset in ("leekim", "quick"):
+        proto = (eval_protocol.leekim if cfg.preset == "leekim" else eval_protocol.quick)(**sizes)
+        return proto if cfg.cascade else proto.without_cascade()
+    return eval_protocol.custom(
+        cfg.attacks,
+        norm=cfg.norm,
+        eps=cfg.eps,
+        steps=cfg.steps,
+        eot=cfg.eot,
+        alpha=cfg.alpha,
+        square_queries=cfg.square_queries,
+        cascade=cfg.cascade,
+        sweep=cfg.sweep,
+        sweep_n=max(cfg.sweep_n, 0),
+        convergence_n=max(cfg.convergence_n, 0),
+    )
 
 
 def run(cfg: EvalConfig) -> dict:
     """Evaluate; the result has the manifest's ``evaluation`` shape (model_store.manifest)."""
-    test = load_split(cfg.data, "test")
-    model, pipe = build_model(cfg)
-    t0 = time.time()
-    clean = clean_accuracy(cfg, model, pipe, test)
-    log.info("clean accuracy %.4f on %d images", clean["accuracy"], clean["n"])
-    result: dict = {
-        "clean_accuracy": clean["accuracy"],
-        "n_images": clean["n"],
-        "clean_protocol": "top-1, one fresh RT draw per image (the mean over the randomness)",
-        "rt": pipe.spec.to_dict() if pipe else None,
-        "config": asdict(cfg),
-        "robust": [],
-    }
-    if cfg.attack != "none":
-        result["robust"].append(attack(cfg, model, pipe, test))
-    result["wall_s"] = round(time.time() - t0, 1)
-    if cfg.out:
-        write_merged(Path(cfg.out), result)
+    target = build_target(cfg)
+    paths = output_paths(cfg.out)
+    result = evaluate(cfg, target, build_protocol(cfg), paths and paths[".state.json"])
+    result |= {"config": asdict(cfg)}
+    if paths:
+        write_merged(paths[".json"], result)
+        merged = json.loads(paths[".json"].read_text())
+        paths[".md"].write_text(markdown(merged))
+        paths[".svg"].write_text(svg_plot(merged))
+        log.info("wrote %s, .md, .svg", paths[".json"])
+    if cfg.record:
+        mv = record(result)
+        result["recorded_as"] = {"model": mv.name, "version": mv.version, "path": str(mv.path)}
     return result
 
 
-def attack(cfg: EvalConfig, model, pipe, test) -> dict:
-    from tqdm import tqdm
-
-    target = StochasticPipeline(pipe, torch.Generator().manual_seed(cfg.seed + 1)) if pipe else model
-    eot = cfg.eot if pipe else 1  # a deterministic model needs no EOT
-    split = test.subset(cfg.n, seed=cfg.seed)
-    sums = {"clean_vote": 0.0, "vote": 0.0, "single": 0.0, "fixed": 0.0}
-    t0 = time.time()
-    bar = tqdm(total=len(split), desc=f"{cfg.attack}-{cfg.norm} eot={eot}", mininterval=10)
-    for i, (x, y) in enumerate(batches(split, cfg.batch_size)):
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
-        if cfg.attack == "fgsm":
-            xa = fgsm(target, x, y, eps=cfg.eps, norm=cfg.norm, eot=eot)
-        else:
-            xa = pgd(
-                target,
-                x,
-                y,
-                eps=cfg.eps,
-                steps=cfg.steps,
-                alpha=cfg.alpha or None,
-                norm=cfg.norm,
-                eot=eot,
-                gen=gen,
-            )
-        res = score(pipe, model, xa, y, cfg.samples, seed=cfg.seed * 31 + i)
-        for k in ("vote", "single", "fixed"):
-            sums[k] += float(res[k].sum())
-        sums["clean_vote"] += float(score(pipe, model, x, y, cfg.samples, seed=i)["vote"].sum())
-        bar.update(len(y))
-    bar.close()
-    n = len(split)
-    out = {
-        "attack": f"{cfg.attack}-eot" if pipe else cfg.attack,
-        "norm": {"linf": "Linf", "l2": "L2"}[cfg.norm],
-        "eps": cfg.eps,
-        "steps": cfg.steps if cfg.attack == "pgd" else 1,
-        "alpha": cfg.alpha or (2.5 * cfg.eps / cfg.steps if cfg.attack == "pgd" else cfg.eps),
-        "eot": eot,
-        "n_images": n,
-        "accuracy": sums["vote"] / n,
-        "score_rule": f"argmax of the softmax averaged over {cfg.samples} fresh RT draws (service samples={cfg.samples})",
-        "accuracy_single_draw": sums["single"] / n,
-        "accuracy_fixed_randomness": sums["fixed"] / n,
-        "clean_accuracy_same_images": sums["clean_vote"] / n,
-        "gradients": "exact through RT, purifier and classifier" if pipe else "exact (deterministic model)",
-        "subset_seed": cfg.seed,
-        "wall_s": round(time.time() - t0, 1),
-    }
-    log.info(
-        "%s %s eps=%.4g: accuracy vote %.4f single %.4f fixed %.4f (clean on same images %.4f)",
-        out["attack"],
-        out["norm"],
-        cfg.eps,
-        out["accuracy"],
-        out["accuracy_single_draw"],
-        out["accuracy_fixed_randomness"],
-        out["clean_accuracy_same_images"],
-    )
-    return out
+def output_paths(out: str) -> dict[str, Path] | None:
+    """OUT.json, OUT.md, OUT.svg and OUT.state.json for ``--out OUT`` (or OUT.json)."""
+    if not out:
+        return None
+    base = Path(out.removesuffix(".json"))
+    return {ext: base.with_name(base.name + ext) for ext in (".json", ".md", ".svg", ".state.json")}
 
 
 def write_merged(path: Path, result: dict) -> None:
     """Write ``result``; robust entries already in ``path`` for other attacks are kept."""
-    old = json.loads(path.read_text()) if path.is_file() else {"robust": []}
-    key = lambda r: (r["attack"], r["norm"], round(r["eps"], 6), r["steps"], r["eot"])  # noqa: E731
-    new_keys = {key(r) for r in result["robust"]}
-    result = {
-        **result,
-        "robust": [r for r in old.get("robust", []) if key(r) not in new_keys] + result["robust"],
-    }
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    result = result | {"robust": merge_robust(old.get("robust", []), result["robust"])}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -205,36 +164,90 @@ def _eps(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = EvalConfig(data="", classifier="")
-    p.add_argument("--data", required=True, help="CIFAR-10 source (test split is used)")
-    p.add_argument("--classifier", required=True, help="classifier checkpoint")
-    p.add_argument("--purifier", default="", help="purifier checkpoint (omit: undefended classifier)")
-    p.add_argument("--out", default="", help="write the result JSON here")
-    p.add_argument("--n", type=int, default=d.n, help=f"attacked test images, seeded subset (default {d.n})")
-    p.add_argument(
-        "--clean-n", type=int, default=d.clean_n, help=f"images for clean accuracy (default {d.clean_n})"
+    d = EvalConfig(data="")
+    a = p.add_argument
+    a("--data", required=True, help="CIFAR-10 source (the test split is used)")
+    a("--classifier", default="", help="classifier checkpoint (checkpoint mode)")
+    a("--purifier", default="", help="purifier checkpoint: AP (pre-trained) or AToP (fine-tuned)")
+    a("--store", default="", help="model-store root (store mode: attack the exported TorchScript file)")
+    a("--model", default=d.model, help=f"model name in the store (default {d.model})")
+    a("--version", type=int, default=d.version, help="store version (default: the newest valid one)")
+    a(
+        "--defense",
+        choices=DEFENSES,
+        default=d.defense,
+        help="none: classifier alone; rt: RT only; full: RT+purifier",
     )
-    p.add_argument("--attack", choices=["pgd", "fgsm", "none"], default=d.attack, help="attack (default pgd)")
-    p.add_argument("--norm", choices=["linf", "l2"], default=d.norm, help="threat model (default linf)")
-    p.add_argument("--eps", type=_eps, default=d.eps, help="radius, e.g. 8/255 or 0.5 (default 8/255)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"PGD steps (default {d.steps})")
-    p.add_argument("--alpha", type=_eps, default=d.alpha, help="PGD step size (default 2.5*eps/steps)")
-    p.add_argument("--eot", type=int, default=d.eot, help=f"EOT draws per gradient (default {d.eot})")
-    p.add_argument(
-        "--samples", type=int, default=d.samples, help=f"draws to score each example (default {d.samples})"
+    a("--rt", choices=("rt1", "rt2", "rt3"), default="", help="RT kind for --defense rt without --purifier")
+    a("--noise-std", type=float, default=d.noise_std, help="override the deployed noise σ (checkpoints only)")
+    a("--out", default=d.out, help="output prefix: writes OUT.json, OUT.md, OUT.svg, state OUT.state.json")
+    a(
+        "--preset",
+        choices=eval_protocol.PRESETS,
+        default=d.preset,
+        help="leekim: the full protocol; quick: small",
     )
-    p.add_argument("--noise-std", type=float, default=d.noise_std, help="override the deployed noise σ")
-    p.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help=f"attack batch (default {d.batch_size})"
+    a("--attacks", default=",".join(d.attacks), help=f"custom protocol, comma-separated: {','.join(ATTACKS)}")
+    a("--norm", choices=["linf", "l2"], default=d.norm, help="custom protocol threat model (default linf)")
+    a("--eps", type=_eps, default=d.eps, help="custom radius, e.g. 8/255 or 0.5 (default 8/255)")
+    a("--steps", type=int, default=d.steps, help=f"custom attack steps (default {d.steps})")
+    a("--alpha", type=_eps, default=d.alpha, help="custom step size (default 2.5*eps/steps)")
+    a("--eot", type=int, default=d.eot, help=f"custom EOT draws per gradient (default {d.eot})")
+    a("--square-queries", type=int, default=d.square_queries, help="custom Square queries")
+    a("--no-cascade", dest="cascade", action="store_false", help="every attack on every clean-correct image")
+    a("--sweep", action="store_true", help="custom protocol: add the ε sweep (plot, monotonicity check)")
+    a("--sweep-n", type=int, default=d.sweep_n, help="images for the sweep (default: the preset's)")
+    a("--convergence-n", type=int, default=d.convergence_n, help="images for the convergence check (0: skip)")
+    a("--n", type=int, default=d.n, help=f"attacked test images, seeded subset (default {d.n})")
+    a("--clean-n", type=int, default=d.clean_n, help=f"images for clean accuracy (default {d.clean_n})")
+    a("--samples", type=int, default=d.samples, help=f"draws per answer, vote rule (default {d.samples})")
+    a("--batch-size", type=int, default=d.batch_size, help=f"attack batch (default {d.batch_size})")
+    a("--seed", type=int, default=d.seed, help="seed of the subset and of every random draw")
+    a(
+        "--no-sanity",
+        dest="sanity",
+        action="store_false",
+        help="skip the sanity runs (not for reported numbers)",
     )
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the subset, RT draws and random starts")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a("--zero-tol", type=float, default=d.zero_tol, help="what counts as ~0%% in the sanity checks")
+    a("--force", action="store_true", help="allow gradient attacks with EOT 1 on a randomized model")
+    a("--record", action="store_true", help="publish the store version again with these numbers")
+    a("--strict", action="store_true", help="exit 3 if a sanity check fails")
+    a("--estimate", action="store_true", help="measure per-image costs, print the protocol's wall time, exit")
+    a("--device", default=d.device, help="cpu (default) or cuda: where the models and images live")
+    a("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def estimate_only(cfg: EvalConfig) -> str:
+    """Measure this target's per-image costs on one batch and extrapolate the protocol."""
+    from training.data import load_split
+    from training.eval_core import measure_cost
+
+    target = build_target(cfg)
+    proto = build_protocol(cfg) if target.randomized else build_protocol(cfg).deterministic()
+    split = load_split(cfg.data, "test").subset(cfg.batch_size, seed=cfg.seed)
+    x, y = (split.images.float() / 255).to(cfg.device), split.labels.to(cfg.device)
+    cost = measure_cost(target, x, y, cfg.samples)
+    k = cfg.samples if target.randomized else 1
+    est = eval_protocol.estimate(proto, cfg.n, k, cost["gradient_ms_per_image"], cost["forward_ms_per_image"])
+    lines = [f"{target.role}: {json.dumps(cost)}", f"{'role':12} {'attack':48} {'images':>6} {'hours':>7}"]
+    lines += [f"{r['role']:12} {r['attack']:48} {r['images']:>6} {r['hours']:7.2f}" for r in est["rows"]]
+    lines.append(
+        f"upper bound {est['hours']:.1f} h (every image attacked by every attack; cascades spend less)"
+    )
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
-    result = run(cfg)
-    print(json.dumps({k: result[k] for k in ("clean_accuracy", "n_images", "robust")}, indent=2))  # noqa: T201
-    return 0
+    values = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if hasattr(args, f.name)}
+    values["attacks"] = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    if args.estimate:
+        print(estimate_only(EvalConfig(**values)))  # noqa: T201
+        return 0
+    result = run(EvalConfig(**values))
+    print(markdown(result))  # noqa: T201
+    if "recorded_as" in result:
+        print(f"recorded as {result['recorded_as']['model']} version {result['recorded_as']['version']}")  # noqa: T201
+    return 3 if args.strict and not result["sanity"]["all_passed"] else 0

@@ -1,0 +1,189 @@
+"""The evaluation's attacks, scoring rules and sanity checks on toy models (no data, < 20 s):
+every attack breaks a linear model inside its ε-ball; EOT recovers the gradient of a randomized
+toy where single draws are useless; the vote/single/fixed rules match known odds; a
+gradient-masked toy defense is caught by the white-box <= black-box check; AutoAttack-rand runs
+on a tiny stochastic pipeline with the package's rand settings; the global RNG is left alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.eval_toys import Antithetic, Coin, Quantized, toy_data
+from training import sanity
+from training.attacks import eot_gradient, margin_loss
+from training.eval_attacks import AUTOATTACK_RAND, AttackSpec, check_threat_model, run_attack
+from training.eval_runner import EvalState, Scorer, clean_scores, run_attacks
+from training.eval_targets import Target
+
+EPS = {"linf": 0.1, "l2": 1.0, "flow": 1.0}
+CASES = [
+    ("fgsm", "linf"),
+    ("fgsm", "l2"),
+    ("pgd", "linf"),
+    ("pgd", "l2"),
+    ("cw", "l2"),
+    ("autoattack-rand", "linf"),
+    ("autoattack-rand", "l2"),
+    ("square", "linf"),
+    ("square", "l2"),
+    ("flow", "flow"),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def accuracy(model, cands, y) -> float:
+    """Accuracy when the attacker keeps, per point, any candidate that fools the model."""
+    with torch.no_grad():
+        ok = torch.stack([model(c).argmax(1) == y for c in cands]).all(0)
+    return float(ok.float().mean())
+
+
+@pytest.mark.parametrize(("name", "norm"), CASES)
+def test_each_attack_breaks_a_linear_model_inside_its_ball(name, norm):
+    x, y, model = toy_data(n=24)
+    steps = {"square": 1000, "fgsm": 1, "autoattack-rand": 20}.get(name, 20)
+    spec = AttackSpec(name, norm, EPS[norm], steps, 1)
+    cands = run_attack(spec, model, x, y, seed=0)
+    for c in cands:
+        check_threat_model(spec, x, c)  # raises if outside [0,1] or the ball
+        d = (c - x).flatten(1)
+        if norm == "linf":
+            assert d.abs().amax(1).max() <= spec.eps + 1e-6
+        elif norm == "l2":
+            assert d.norm(dim=1).max() <= spec.eps * (1 + 1e-4) + 1e-6
+    limit = 0.5 if name == "fgsm" else 0.2
+    assert accuracy(model, cands, y) <= limit, f"{name}-{norm} left {accuracy(model, cands, y):.0%}"
+
+
+def test_check_threat_model_rejects_a_perturbation_outside_the_ball():
+    x = toy_data(n=4)[0] * 0.5
+    spec = AttackSpec("pgd", "linf", 0.05)
+    check_threat_model(spec, x, x + 0.05)
+    with pytest.raises(RuntimeError, match="exceeds eps"):
+        check_threat_model(spec, x, x + 0.06)
+    with pytest.raises(RuntimeError, match=r"leave \[0,1\]"):
+        check_threat_model(spec, x, x - 0.6)
+
+
+def test_eot_averages_the_randomness_away():
+    x, y, lin = toy_data(n=24, margin=0.5)
+    model = Antithetic(lin)
+    # The CW margin is linear in the logits, so two antithetic draws give the gradient of the
+    # expected model exactly (cross-entropy's softmax would mix the draws non-linearly).
+    g2, _ = eot_gradient(model, x, y, eot=2, loss="cw")
+    xi = x.clone().requires_grad_(True)
+    (exact,) = torch.autograd.grad(margin_loss(model.expected(xi), y).sum(), xi)
+    assert torch.allclose(g2, exact, atol=1e-4)
+    g1, _ = eot_gradient(model, x, y, eot=1, loss="cw")
+    agree = (g1.sign() == exact.sign()).float().mean()
+    assert agree < 0.7  # a single draw's gradient is close to a coin flip
+    assert sanity.detect_randomized(model, x)[0]
+    eps = 0.1
+    base = AttackSpec("pgd", "linf", eps, 20)
+    without = accuracy(model.expected, run_attack(base, model, x, y, seed=0), y)
+    with_eot = accuracy(model.expected, run_attack(base.replace(eot=2), model, x, y, seed=0), y)
+    assert with_eot <= 0.2 < 0.7 <= without
+
+
+def test_scoring_rules_on_known_odds():
+    n, k = 400, 15
+    target = Target("pipeline", classifier=torch.nn.Identity(), pipeline=Coin(p=0.7), spec=Coin(0.7).spec)
+    scorer = Scorer(target, samples=k, n=n, fixed_seed=1)
+    x = torch.rand(n, 3, 8, 8)
+    y = torch.zeros(n, dtype=torch.long)
+    s = scorer([x], y, torch.arange(n), seed=2).means()
+    assert abs(s["single"] - 0.7) < 0.05  # one draw: right 70% of the time
+    assert abs(s["fixed"] - 0.7) < 0.08  # one fixed draw per image: the same odds
+    assert s["vote"] > 0.9  # majority of 15 draws at 70%: right ~95% of the time
+    # Two candidates: the one with the smaller vote margin is kept, per image.
+    wrong = Target("pipeline", classifier=torch.nn.Identity(), pipeline=Coin(p=0.05), spec=Coin(0.7).spec)
+    mixed = Scorer(wrong, samples=k, n=n, fixed_seed=1)([x, x], y, torch.arange(n), seed=2)
+    assert mixed.means()["vote"] < 0.05
+    # A deterministic model: the three rules coincide.
+    _, _, lin = toy_data(n=4)
+    det = Scorer(Target("undefended", lin), samples=k, n=4, fixed_seed=1)
+    xd, yd, _ = toy_data(n=4)
+    r = det([xd], yd, torch.arange(4), seed=0)
+    assert torch.equal(r.vote, r.single) and torch.equal(r.vote, r.fixed)
+
+
+def _run(model, specs, x, y):
+    target = Target("undefended", model)
+    scorer = Scorer(target, 1, len(y), 0)
+    state = EvalState(None, {})
+    clean = clean_scores(target, scorer, x, y, state, "t", 0, 8)
+    return run_attacks(specs, target, x, y, clean, scorer, state, name="t", seed=0, batch_size=8)
+
+
+def test_whitebox_vs_blackbox_flags_a_gradient_masked_defense():
+    x, y, lin = toy_data(n=24, margin=0.5)
+    specs = (AttackSpec("pgd", "linf", 0.15, 20), AttackSpec("square", "linf", 0.15, 500))
+    masked = _run(Quantized(lin), specs, x, y)
+    check = sanity.whitebox_vs_blackbox(masked, len(y))[0]
+    assert check.status == sanity.FAIL and "masked" in check.detail
+    assert check.values["square_extra_breaks"] > len(y) // 2
+    honest = _run(lin, specs, x, y)
+    assert sanity.whitebox_vs_blackbox(honest, len(y))[0].status == sanity.PASS
+    # The same finding with every attack alone (no cascade).
+    alone = tuple(s.replace(cascade=False) for s in specs)
+    assert sanity.whitebox_vs_blackbox(_run(Quantized(lin), alone, x, y), len(y))[0].status == sanity.FAIL
+
+
+def test_other_sanity_checks():
+    assert sanity.undefended_pgd(0.0, 100, 0.05).status == sanity.PASS
+    assert sanity.undefended_pgd(0.3, 100, 0.05).status == sanity.FAIL
+    assert sanity.undefended_pgd(None, 100, 0.05, "AT").status == sanity.SKIPPED
+    good = sanity.eps_sweep({"linf": [(1, 0.6), (2, 0.3), (4, 0.01)]}, 0.9, 100, 0.05)
+    assert [c.status for c in good] == [sanity.PASS, sanity.PASS]
+    bad = sanity.eps_sweep({"linf": [(1, 0.3), (2, 0.6), (4, 0.2)]}, 0.9, 100, 0.05)
+    assert [c.status for c in bad] == [sanity.FAIL, sanity.FAIL]
+    assert sanity.convergence(0.5, 0.49, 0.5, 64, "pgd").status == sanity.PASS
+    assert sanity.convergence(0.5, 0.40, 0.5, 64, "pgd").status == sanity.FAIL
+    with pytest.raises(ValueError, match="EOT 1"):
+        sanity.eot_policy([AttackSpec("pgd", eot=1)], randomized=True, force=False)
+    sanity.eot_policy([AttackSpec("pgd", eot=1)], randomized=True, force=True)
+    sanity.eot_policy([AttackSpec("square", eot=1)], randomized=True, force=False)
+
+
+def test_autoattack_rand_on_a_tiny_stochastic_pipeline():
+    from pyautoattack import AutoAttack
+
+    from training.classifier import ClassifierConfig, ResNet
+    from training.purifier import DefendedPipeline, PurifierConfig, UNetPurifier
+    from training.transforms import RTSpec
+
+    torch.manual_seed(0)
+    pipe = DefendedPipeline(
+        UNetPurifier(PurifierConfig(4)), ResNet(ClassifierConfig(depth=1, width=4)), RTSpec()
+    ).eval()
+    target = Target("ap", pipe.classifier, pipe.requires_grad_(False), RTSpec())
+    x = torch.rand(6, 3, 32, 32)
+    model = target.stochastic(torch.Generator().manual_seed(0))
+    y = model(x).argmax(1)
+    aa = AutoAttack(model, norm="Linf", eps=8 / 255, version="rand")  # the package's rand settings
+    assert tuple(aa.attacks_to_run) == AUTOATTACK_RAND["attacks"]
+    assert (aa.apgd.n_iter, aa.apgd.n_restarts, aa.apgd.eot_iter) == (
+        AUTOATTACK_RAND["n_iter"],
+        AUTOATTACK_RAND["n_restarts"],
+        AUTOATTACK_RAND["eot_iter"],
+    )
+    rng = torch.get_rng_state()
+    spec = AttackSpec("autoattack-rand", "linf", 8 / 255, 4, 2)
+    calls = []
+    cands = run_attack(
+        spec, model, x, y, seed=3, still_robust=lambda c: calls.append(c) or torch.ones(6, dtype=torch.bool)
+    )
+    assert torch.equal(rng, torch.get_rng_state())  # pyautoattack's reseeding stayed inside
+    assert len(cands) == 4 and len(calls) == 1  # CE best/last + DLR best/last; DLR after CE
+    for c in cands:
+        check_threat_model(spec, x, c)
+    run_attack(AttackSpec("pgd", "linf", 8 / 255, 2, 2), model, x, y, seed=0)
+    assert not any(m.training for m in pipe.modules())  # BatchNorm stays in eval mode

@@ -1,0 +1,237 @@
+"""The attacks of ``atop eval``: one frozen ``AttackSpec`` each, run by ``run_attack``.
+
+Every attack gets the model as an attacker sees it (x -> logits, fresh randomness on every
+call) and returns *candidate* adversarial examples inside the threat model; the evaluator scores
+them afterwards by the service's rule (training/eval_runner.py). How each handles randomness:
+
+* ``fgsm``, ``pgd`` (cross-entropy) and ``cw`` (PGD on the Carlini-Wagner margin): exact
+  gradients averaged over ``eot`` draws per step (training/attacks.py); final iterate.
+* ``autoattack-rand``: pyautoattack's APGD-CE then APGD-DLR with the ``version='rand'``
+  settings (1 restart, 100 iterations, EOT 20; see ``AUTOATTACK_RAND``). APGD sums gradients
+  over ``eot_iter`` calls of the model, each a fresh draw. Its own success bookkeeping looks at
+  one draw, so both its best-loss and its last-misclassified points are returned as candidates,
+  and DLR runs only on the points the CE stage left robust (AutoAttack's cascade, scored by our
+  rule through ``still_robust``).
+* ``square``: pyautoattack's Square attack (gradient-free, the gradient-masking check), 5000
+  queries in AutoAttack. With ``eot`` > 1 each query averages the logits of that many draws,
+  which makes its accept/reject decisions less noisy on a randomized model.
+* ``flow``: a spatial attack never used in training: each pixel is resampled (bilinear) from a
+  spot displaced by at most ``eps`` pixels; the flow field follows EOT-averaged sign gradients of
+  the CW margin. The "unseen" column.
+
+pyautoattack seeds torch's global RNG for its random starts and queries; here that happens
+inside ``torch.random.fork_rng``, so the caller's global RNG is left as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from training.attacks import eot_gradient, eval_mode, fgsm, pgd
+
+log = logging.getLogger("atop.eval.attacks")
+
+ATTACKS = ("fgsm", "pgd", "cw", "autoattack-rand", "square", "flow")
+NORM_NAMES = {"linf": "Linf", "l2": "L2", "flow": "flow"}
+# AutoAttack(version='rand') as pyautoattack 0.2.0 sets it up (autoattack.py, _set_version);
+# tests/test_eval_attacks.py checks these against the package.
+AUTOATTACK_RAND = {"attacks": ("apgd-ce", "apgd-dlr"), "n_iter": 100, "n_restarts": 1, "eot_iter": 20}
+APGD_RHO = 0.75
+SQUARE_P_INIT = 0.8  # AutoAttack's Square setting (p_init=.8, resc_schedule=False)
+Candidates = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str  # one of ATTACKS
+    norm: str = "linf"  # linf | l2 | flow (flow: eps is the largest pixel displacement)
+    eps: float = 8 / 255
+    steps: int = 20  # iterations; square: queries; fgsm: 1
+    eot: int = 1  # draws averaged per gradient (square: per query)
+    alpha: float = 0.0  # step size; 0 = the attack's default (see step_size)
+    cascade: bool = True  # False: attack every clean-correct point, not only the survivors
+
+    def __post_init__(self) -> None:
+        if self.name not in ATTACKS:
+            raise ValueError(f"unknown attack {self.name!r}; choose from {', '.join(ATTACKS)}")
+        if (self.name == "flow") != (self.norm == "flow"):
+            raise ValueError("the flow attack has its own threat model: norm='flow' (eps in pixels)")
+        if self.norm not in NORM_NAMES:
+            raise ValueError(f"norm must be linf, l2 or flow, not {self.norm!r}")
+        if self.steps < 1 or self.eot < 1 or self.eps < 0:
+            raise ValueError(f"{self.name}: steps and eot must be >= 1 and eps >= 0")
+
+    @property
+    def gradient_free(self) -> bool:
+        return self.name == "square"
+
+    @property
+    def threat(self) -> tuple[str, float]:
+        return self.norm, round(self.eps, 6)
+
+    @property
+    def key(self) -> str:
+        mode = "c" if self.cascade else "i"
+        return f"{self.name}/{self.norm}/{self.eps:.6g}/s{self.steps}/e{self.eot}/a{self.alpha:.6g}/{mode}"
+
+    def label(self, randomized: bool) -> str:
+        if self.name == "autoattack-rand" or self.gradient_free or not randomized:
+            return self.name  # the rand version is EOT by definition; Square queries
+        return f"{self.name}-eot"
+
+    def step_size(self) -> float | None:
+        """The step size used (None: adaptive, as APGD and Square choose their own)."""
+        if self.alpha:
+            return self.alpha
+        if self.name == "fgsm":
+            return self.eps
+        if self.name in ("pgd", "cw", "flow"):
+            return 2.5 * self.eps / self.steps
+        return None
+
+    def replace(self, **changes) -> AttackSpec:
+        return dataclasses.replace(self, **changes)
+
+
+class MeanLogits(nn.Module):
+    """Logits averaged over ``k`` calls of a randomized model (Square's queries with EOT)."""
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.model(x) for _ in range(self.k)]).mean(0)
+
+
+def _apgd(model, x, y, *, loss: str, norm: str, eps: float, n_iter: int, eot: int, seed: int) -> Candidates:
+    from pyautoattack.autopgd_base import APGDAttack
+
+    attack = APGDAttack(
+        model,
+        n_iter=n_iter,
+        norm=NORM_NAMES[norm],
+        n_restarts=AUTOATTACK_RAND["n_restarts"],
+        eps=eps,
+        seed=seed,
+        loss=loss,
+        eot_iter=eot,
+        rho=APGD_RHO,
+        device=x.device,
+        logger=logging.getLogger("atop.eval.apgd"),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        attack.init_hyperparam(x)
+        x_best, _, _, x_best_adv = attack.attack_single_run(x.clone(), y.clone())
+    return [x_best.detach(), x_best_adv.detach()]
+
+
+def autoattack_rand(model, x, y, *, norm, eps, n_iter, eot, seed, still_robust=None) -> Candidates:
+    """APGD-CE, then APGD-DLR on the points CE left robust (all points if no ``still_robust``)."""
+    ce = _apgd(model, x, y, loss="ce", norm=norm, eps=eps, n_iter=n_iter, eot=eot, seed=seed)
+    idx = torch.arange(len(y))
+    if still_robust is not None:
+        idx = still_robust(ce).nonzero().flatten()
+    dlr = [ce[0].clone(), ce[0].clone()]
+    if len(idx):
+        found = _apgd(
+            model, x[idx], y[idx], loss="dlr", norm=norm, eps=eps, n_iter=n_iter, eot=eot, seed=seed
+        )
+        for d, f in zip(dlr, found, strict=True):
+            d[idx] = f
+    log.debug("autoattack-rand: DLR stage on %d of %d points", len(idx), len(y))
+    return ce + dlr
+
+
+def square(model, x, y, *, norm: str, eps: float, queries: int, eot: int, seed: int) -> Candidates:
+    from pyautoattack.square import SquareAttack
+
+    query = MeanLogits(model, eot) if eot > 1 else model
+    attack = SquareAttack(
+        query,
+        p_init=SQUARE_P_INIT,
+        n_queries=queries,
+        eps=eps,
+        norm=NORM_NAMES[norm],
+        n_restarts=1,
+        seed=seed,
+        verbose=False,
+        device=x.device,
+        resc_schedule=False,
+    )
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        attack.init_hyperparam(x)
+        _, x_best = attack.attack_single_run(x.clone(), y.clone())
+    return [x_best.detach()]
+
+
+def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Resample ``x`` [B,C,H,W] at pixel (i, j) + flow[b, i, j] (flow [B,H,W,2] as (dx, dy) in
+    pixels), bilinear, borders repeated. A convex combination of pixels: stays in [0,1]."""
+    _, _, h, w = x.shape
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device), indexing="ij"
+    )
+    scale = torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)], device=x.device)
+    grid = torch.stack([xs, ys], -1)[None] + flow * scale
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def flow_attack(model, x, y, *, eps: float, steps: int, eot: int, alpha: float, gen) -> Candidates:
+    """Spatial attack: a flow field bounded by ``eps`` pixels per pixel (ℓ∞ on the flow),
+    random start, ``steps`` sign steps on the EOT-averaged CW-margin gradient."""
+    b, _, h, w = x.shape
+    flow = (torch.rand(b, h, w, 2, generator=gen) * 2 - 1).to(x.device) * eps
+    with eval_mode(model):
+        for _ in range(steps):
+            g, _ = eot_gradient(lambda f: model(warp(x, f)), flow, y, eot=eot, loss="cw")
+            flow = (flow + alpha * g.sign()).clamp(-eps, eps).detach()
+    return [warp(x, flow).detach()]
+
+
+def run_attack(
+    spec: AttackSpec,
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int,
+    still_robust: Callable[[Candidates], torch.Tensor] | None = None,
+) -> Candidates:
+    """Candidate adversarial examples for (x, y); all inside the threat model of ``spec``."""
+    gen = torch.Generator().manual_seed(seed)
+    if spec.name == "fgsm":
+        return [fgsm(model, x, y, eps=spec.eps, norm=spec.norm, eot=spec.eot)]
+    if spec.name in ("pgd", "cw"):
+        loss = "ce" if spec.name == "pgd" else "cw"
+        kw = dict(eps=spec.eps, steps=spec.steps, alpha=spec.step_size(), norm=spec.norm, eot=spec.eot)
+        return [pgd(model, x, y, **kw, loss=loss, gen=gen)]
+    if spec.name == "flow":
+        return flow_attack(
+            model, x, y, eps=spec.eps, steps=spec.steps, eot=spec.eot, alpha=spec.step_size(), gen=gen
+        )
+    if spec.name == "autoattack-rand":
+        kw = dict(norm=spec.norm, eps=spec.eps, n_iter=spec.steps, eot=spec.eot, seed=seed)
+        return autoattack_rand(model, x, y, **kw, still_robust=still_robust)
+    return square(model, x, y, norm=spec.norm, eps=spec.eps, queries=spec.steps, eot=spec.eot, seed=seed)
+
+
+def check_threat_model(spec: AttackSpec, x: torch.Tensor, x_adv: torch.Tensor, tol: float = 1e-5) -> None:
+    """Raise if ``x_adv`` leaves [0,1] or the ε-ball (a bug in an attack, never a finding)."""
+    if x_adv.shape != x.shape or not torch.isfinite(x_adv).all():
+        raise RuntimeError(f"{spec.name}: adversarial examples have the wrong shape or non-finite values")
+    if x_adv.min() < -tol or x_adv.max() > 1 + tol:
+        raise RuntimeError(f"{spec.name}: adversarial examples leave [0,1]")
+    d = (x_adv - x).flatten(1)
+    size = {"linf": lambda: d.abs().amax(1), "l2": lambda: d.norm(dim=1)}.get(spec.norm)
+    if size is not None and float(size().max()) > spec.eps * (1 + 1e-4) + tol:
+        raise RuntimeError(f"{spec.name}: perturbation {float(size().max()):.6g} exceeds eps {spec.eps:.6g}")

@@ -1,0 +1,232 @@
+"""One evaluation of one target: clean accuracy, the protocol's attacks, the ε sweep, the sanity
+runs (bare-classifier PGD, convergence), costs, and the result dict (the manifest's
+``evaluation`` shape plus protocol, sweep, sanity and cost blocks)."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from training import sanity
+from training.attacks import eot_gradient
+from training.data import batches, load_split
+from training.eval_attacks import NORM_NAMES, AttackSpec
+from training.eval_protocol import Protocol
+from training.eval_runner import EvalState, Outcome, Scorer, Scores, clean_scores, derive_seed, run_attacks
+from training.eval_targets import Target
+from training.transforms import RTSample
+
+log = logging.getLogger("atop.eval")
+
+SCORING = {
+    "vote": "argmax of the softmax averaged over {k} fresh RT draws: the service's answer with samples={k}",
+    "single": "mean over the same {k} draws of one draw's correctness: a client with samples=1, in expectation",
+    "fixed": "one fixed RT draw per image, the same for every attack",
+}
+
+
+DETERMINISTIC = {r: "argmax of the logits (a deterministic model: the three rules coincide)" for r in SCORING}
+
+
+def subset_scorer(scorer: Scorer, idx: torch.Tensor) -> Scorer:
+    sub = Scorer.__new__(Scorer)
+    sub.target, sub.samples = scorer.target, scorer.samples
+    sub.fixed = None if scorer.fixed is None else RTSample(scorer.fixed.noise[idx], scorer.fixed.masks[idx])
+    return sub
+
+
+@torch.no_grad()
+def clean_accuracy(target: Target, test, n: int, seed: int, device: str = "cpu") -> dict:
+    """Top-1 accuracy with one fresh draw per image (the mean over the randomness)."""
+    split = test.subset(n, seed=seed)
+    correct = 0.0
+    for i, (x, y) in enumerate(batches(split, 500)):
+        model = target.stochastic(torch.Generator().manual_seed(derive_seed(seed, "clean-n", i)))
+        correct += float((model(x.to(device)).argmax(1).cpu() == y).sum())
+    return {"n": len(split), "accuracy": correct / len(split)}
+
+
+def measure_cost(target: Target, x: torch.Tensor, y: torch.Tensor, samples: int) -> dict:
+    """Milliseconds per image: one defended forward pass (one draw), and one attack gradient
+    (forward + backward through the whole pipeline), median of 3, at this batch size."""
+    model = target.stochastic(torch.Generator().manual_seed(0))
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times) / len(y)
+
+    with torch.no_grad():
+        fwd = timed(lambda: model(x))
+    grad = timed(lambda: eot_gradient(model, x, y))
+    k = samples if target.randomized else 1
+    return {
+        "forward_ms_per_image": round(fwd, 3),
+        "answer_ms_per_image": round(fwd * k, 3),
+        "answer_draws": k,
+        "gradient_ms_per_image": round(grad, 3),
+        "batch": len(y),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def entry(o: Outcome, n: int, randomized: bool) -> dict:
+    m = o.after.means()
+    s = o.spec
+    return {
+        "attack": o.label,
+        "name": s.name,
+        "norm": NORM_NAMES[s.norm],
+        "eps": s.eps,
+        "steps": s.steps,
+        "eot": s.eot,
+        "n_images": n,
+        "accuracy": m["vote"],
+        "accuracy_single_draw": m["single"],
+        "accuracy_fixed_randomness": m["fixed"],
+        "step_size": s.step_size(),
+        "cascade_after": o.cascade_after,
+        "attacked": len(o.targets),
+        "broken": int((o.alone.vote < 0.5).sum()),
+        "unseen_in_training": s.name == "flow",
+        "gradients": "none (queries only)"
+        if s.gradient_free
+        else ("exact through RT, purifier and classifier, EOT-averaged" if randomized else "exact"),
+        "wall_s": o.wall_s,
+    }
+
+
+def worst_cases(outcomes: list[Outcome], clean: Scores) -> list[dict]:
+    out = []
+    for threat in dict.fromkeys(o.spec.threat for o in outcomes):
+        group = [o for o in outcomes if o.spec.threat == threat]
+        w = clean
+        for o in group:
+            w = w.worst(o.after)
+        m = w.means()
+        out.append(
+            {
+                "norm": NORM_NAMES[threat[0]],
+                "eps": group[0].spec.eps,
+                "attacks": [o.label for o in group],
+                "accuracy": m["vote"],
+                "accuracy_single_draw": m["single"],
+                "accuracy_fixed_randomness": m["fixed"],
+            }
+        )
+    return out
+
+
+def _bare_check(cfg, target, proto, x, y, state) -> sanity.Check:
+    if target.adversarially_trained:
+        return sanity.undefended_pgd(
+            None, len(y), cfg.zero_tol, "adversarially trained classifier: not expected to fall"
+        )
+    linf = [s for s in proto.attacks if s.name == "pgd" and s.norm == "linf"]
+    spec = (linf[0] if linf else AttackSpec("pgd", "linf", 8 / 255, 20)).replace(eot=1, cascade=False)
+    bare = target.bare()
+    scorer = Scorer(bare, 1, len(y), 0)
+    clean = clean_scores(bare, scorer, x, y, state, "bare", cfg.seed, cfg.batch_size)
+    (o,) = run_attacks(
+        (spec,), bare, x, y, clean, scorer, state, name="bare", seed=cfg.seed, batch_size=cfg.batch_size
+    )
+    return sanity.undefended_pgd(o.after.means()["vote"], len(y), cfg.zero_tol)
+
+
+def _convergence(cfg, target, proto, x, y, clean, scorer, state, main) -> sanity.Check:
+    base_spec = proto.convergence
+    sub = (clean.vote > 0.5).nonzero().flatten()[: proto.convergence_n]
+    if base_spec is None or not len(sub):
+        return sanity.Check("convergence", sanity.SKIPPED, "no convergence attack or no clean-correct images")
+    n = len(sub)
+    runs = [base_spec.replace(steps=2 * base_spec.steps, cascade=False)]
+    if target.randomized:
+        runs.append(base_spec.replace(eot=2 * base_spec.eot, cascade=False))
+    reuse = [o for o in main if o.spec == base_spec and not o.cascade_after]
+    if not reuse:
+        runs.insert(0, base_spec.replace(cascade=False))
+    kw = dict(name="convergence", seed=cfg.seed, batch_size=cfg.batch_size)
+    outs = run_attacks(
+        tuple(runs), target, x[sub], y[sub], clean.take(sub), subset_scorer(scorer, sub), state, **kw
+    )
+    accs = [float(o.after.vote.mean()) for o in outs]
+    if reuse:
+        full = torch.zeros(len(y))
+        full[reuse[0].targets] = reuse[0].alone.vote
+        accs.insert(0, float(full[sub].mean()))
+    return sanity.convergence(
+        accs[0], accs[1], accs[2] if target.randomized else None, n, base_spec.label(target.randomized)
+    )
+
+
+def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> dict:
+    t0 = time.time()
+    test = load_split(cfg.data, "test")
+    split = test.subset(cfg.n, seed=cfg.seed)
+    x, y = (split.images.float() / 255).to(cfg.device), split.labels.to(cfg.device)
+    n = len(y)
+    detected, diff = sanity.detect_randomized(
+        target.stochastic(torch.Generator().manual_seed(cfg.seed)), x[:8]
+    )
+    checks = [sanity.randomness(target.randomized, detected, diff)]
+    if not detected:
+        proto = proto.deterministic()
+    sanity.eot_policy(proto.attacks + proto.sweep, detected, cfg.force)
+    identity = {"source": target.source, "role": target.role, "rt": target.spec and target.spec.to_dict()}
+    identity |= {k: getattr(cfg, k) for k in ("data", "n", "seed", "samples", "batch_size")}
+    state = EvalState(state_path, identity)
+    scorer = Scorer(target, cfg.samples, n, derive_seed(cfg.seed, "fixed"), cfg.device)
+    clean = clean_scores(target, scorer, x, y, state, "main", cfg.seed, cfg.batch_size)
+    kw = dict(seed=cfg.seed, batch_size=cfg.batch_size)
+    main = run_attacks(proto.attacks, target, x, y, clean, scorer, state, name="main", **kw)
+    m = min(proto.sweep_n or n, n)
+    head = torch.arange(m)
+    sweep = run_attacks(
+        proto.sweep,
+        target,
+        x[:m],
+        y[:m],
+        clean.take(head),
+        subset_scorer(scorer, head),
+        state,
+        name="sweep",
+        **kw,
+    )
+    if cfg.sanity:
+        checks.append(_bare_check(cfg, target, proto, x, y, state))
+        if proto.convergence_n:
+            checks.append(_convergence(cfg, target, proto, x, y, clean, scorer, state, main))
+        checks += sanity.whitebox_vs_blackbox(main, n)
+        pts: dict[str, list] = {}
+        for o in sweep:
+            pts.setdefault(o.spec.norm, []).append((o.spec.eps, o.after.means()["vote"]))
+        checks += sanity.eps_sweep(pts, float(clean.vote[:m].mean()), m, cfg.zero_tol)
+    big = clean_accuracy(target, test, cfg.clean_n, cfg.seed, cfg.device)
+    k = cfg.samples if target.randomized else 1
+    return {
+        "clean_accuracy": big["accuracy"],
+        "n_images": big["n"],
+        "clean_protocol": "top-1, one fresh RT draw per image (the mean over the randomness)",
+        "clean_accuracy_subset": clean.means() | {"n_images": n},
+        "target": {"role": target.role, "description": target.description, "randomized": detected}
+        | {"source": target.source, "rt": target.spec.to_dict() if target.spec else None},
+        "scoring": ({r: t.format(k=k) for r, t in SCORING.items()} if detected else DETERMINISTIC)
+        | {"samples": k, "headline": "vote"},
+        "protocol": proto.to_dict() | {"n_images": n, "subset_seed": cfg.seed},
+        "robust": [entry(o, n, detected) for o in main],
+        "worst_case": worst_cases(main, clean),
+        "sweep": [entry(o, m, detected) for o in sweep],
+        "sanity": sanity.summarize(checks),
+        "cost": measure_cost(target, x[: min(n, cfg.batch_size)], y[: min(n, cfg.batch_size)], cfg.samples),
+        "wall_s": round(time.time() - t0, 1),
+    }

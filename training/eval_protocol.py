@@ -1,0 +1,170 @@
+"""Attack protocols for ``atop eval``: the presets and the custom one built from flags.
+
+Attacks of one threat model (norm, ε) with ``cascade=True`` run in the listed order, each on the
+points still robust after the previous ones (as AutoAttack does); ``cascade=False`` attacks run
+on every clean-correct point and give a figure on their own. The worst case per threat model is
+the fraction of points robust to all of its attacks, which is the same number either way.
+
+``leekim`` — the full protocol (Lee & Kim, ICCV 2023, for the PGD settings; AutoAttack's
+``rand`` version; AutoAttack's Square budget):
+
+=====================  =========  ======  ===============  ====  ==========================
+attack                 threat     steps   step size        EOT   notes
+=====================  =========  ======  ===============  ====  ==========================
+FGSM                   ℓ∞ 8/255   1       ε                20    alone (not in the cascade)
+PGD (CE)               ℓ∞ 8/255   200     0.007            20    Lee & Kim
+AutoAttack-rand        ℓ∞ 8/255   100     adaptive         20    APGD-CE → APGD-DLR
+Square                 ℓ∞ 8/255   5000 q  p_init 0.8       1     gradient-free, last
+PGD (CE)               ℓ2 0.5     200     0.1              20    step: our choice, see below
+flow (CW margin)       ≤ 1 px     100     2.5·ε/steps      20    unseen kind, alone
+=====================  =========  ======  ===============  ====  ==========================
+
+ℓ2 step 0.1: Lee & Kim's ℓ∞ step is 0.22·ε (0.007 at 8/255); 0.1 is 0.2·ε at ε = 0.5, the
+same ratio. With 200 steps the iterate can cross the ball ~40 times, so the step is small for
+precision, not for reach. Deterministic targets (undefended, AT) get EOT 1 everywhere: there is
+nothing to average. The ε sweep (plot and monotonicity check) uses PGD with 50 steps, EOT 8 on
+``sweep_n`` images; the convergence check re-runs the ℓ∞ PGD with 2x steps and 2x EOT on
+``convergence_n`` images.
+
+``quick`` — the same shape at a development budget (20 steps, EOT 4, 300 Square queries).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from training.eval_attacks import AttackSpec
+
+LINF_EPS = 8 / 255
+L2_EPS = 0.5
+FLOW_EPS = 1.0  # pixels
+LEEKIM_LINF_ALPHA = 0.007
+LEEKIM_L2_ALPHA = 0.1
+SWEEP_LINF = (2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255)
+SWEEP_L2 = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+PRESETS = ("custom", "quick", "leekim")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    attacks: tuple[AttackSpec, ...]
+    sweep: tuple[AttackSpec, ...] = ()
+    sweep_n: int = 0  # images for the sweep (the first ones of the subset); 0 = all
+    convergence: AttackSpec | None = None  # the attack whose convergence is checked
+    convergence_n: int = 0
+
+    def deterministic(self) -> Protocol:
+        """EOT 1 everywhere (nothing to average on a deterministic model)."""
+        one = lambda specs: tuple(s.replace(eot=1) for s in specs)  # noqa: E731
+        conv = self.convergence.replace(eot=1) if self.convergence else None
+        return Protocol(self.name, one(self.attacks), one(self.sweep), self.sweep_n, conv, self.convergence_n)
+
+    def without_cascade(self) -> Protocol:
+        """Every attack on every clean-correct image (a figure per attack alone)."""
+        alone = tuple(s.replace(cascade=False) for s in self.attacks)
+        conv = self.convergence.replace(cascade=False) if self.convergence else None
+        return Protocol(self.name, alone, self.sweep, self.sweep_n, conv, self.convergence_n)
+
+    def to_dict(self) -> dict:
+        return {
+            "preset": self.name,
+            "attacks": [s.__dict__ | {"step_size": s.step_size()} for s in self.attacks],
+            "sweep": [s.__dict__ for s in self.sweep],
+            "sweep_n": self.sweep_n,
+            "convergence": None if self.convergence is None else self.convergence.__dict__,
+            "convergence_n": self.convergence_n,
+        }
+
+
+def _sweep(steps: int, eot: int) -> tuple[AttackSpec, ...]:
+    linf = [AttackSpec("pgd", "linf", e, steps, eot, cascade=False) for e in SWEEP_LINF]
+    return tuple(linf + [AttackSpec("pgd", "l2", e, steps, eot, cascade=False) for e in SWEEP_L2])
+
+
+def leekim(sweep_n: int = 128, convergence_n: int = 64) -> Protocol:
+    pgd_linf = AttackSpec("pgd", "linf", LINF_EPS, 200, 20, LEEKIM_LINF_ALPHA)
+    attacks = (
+        AttackSpec("fgsm", "linf", LINF_EPS, 1, 20, cascade=False),
+        pgd_linf,
+        AttackSpec("autoattack-rand", "linf", LINF_EPS, 100, 20),
+        AttackSpec("square", "linf", LINF_EPS, 5000, 1),
+        AttackSpec("pgd", "l2", L2_EPS, 200, 20, LEEKIM_L2_ALPHA),
+        AttackSpec("flow", "flow", FLOW_EPS, 100, 20, cascade=False),
+    )
+    return Protocol("leekim", attacks, _sweep(50, 8), sweep_n, pgd_linf, convergence_n)
+
+
+def quick(sweep_n: int = 0, convergence_n: int = 16) -> Protocol:
+    pgd_linf = AttackSpec("pgd", "linf", LINF_EPS, 20, 4)
+    attacks = (
+        AttackSpec("fgsm", "linf", LINF_EPS, 1, 4, cascade=False),
+        pgd_linf,
+        AttackSpec("autoattack-rand", "linf", LINF_EPS, 20, 4),
+        AttackSpec("square", "linf", LINF_EPS, 300, 1),
+        AttackSpec("pgd", "l2", L2_EPS, 20, 4),
+        AttackSpec("flow", "flow", FLOW_EPS, 20, 4, cascade=False),
+    )
+    return Protocol("quick", attacks, _sweep(10, 2), sweep_n, pgd_linf, convergence_n)
+
+
+def custom(
+    names: tuple[str, ...],
+    *,
+    norm: str,
+    eps: float,
+    steps: int,
+    eot: int,
+    alpha: float,
+    square_queries: int,
+    cascade: bool,
+    sweep: bool,
+    sweep_n: int,
+    convergence_n: int,
+) -> Protocol:
+    """The attacks named on the command line, at one threat model (flow: ``FLOW_EPS`` pixels)."""
+    specs = []
+    for name in names:
+        if name == "flow":
+            specs.append(AttackSpec("flow", "flow", FLOW_EPS, steps, eot, alpha, cascade=False))
+        elif name == "fgsm":
+            specs.append(AttackSpec("fgsm", norm, eps, 1, eot, alpha, cascade=cascade))
+        elif name == "square":
+            specs.append(AttackSpec("square", norm, eps, square_queries, 1, cascade=cascade))
+        else:
+            specs.append(AttackSpec(name, norm, eps, steps, eot, alpha, cascade=cascade))
+    grads = [s for s in specs if s.name in ("pgd", "cw")]
+    conv = grads[0] if grads and convergence_n else None
+    return Protocol("custom", tuple(specs), _sweep(steps, eot) if sweep else (), sweep_n, conv, convergence_n)
+
+
+def _work(spec: AttackSpec, samples: int) -> tuple[float, float]:
+    """(gradient passes, forward passes) per attacked image, upper bounds (no early stops)."""
+    cands = {"autoattack-rand": 4}.get(spec.name, 1)
+    score = samples * (cands + (2 if spec.name == "autoattack-rand" else 0))
+    if spec.name == "square":
+        return 0.0, spec.steps * spec.eot + score
+    if spec.name == "fgsm":
+        return float(spec.eot), score
+    if spec.name == "autoattack-rand":
+        return 2.0 * (spec.steps + 1) * spec.eot, score
+    return float(spec.steps * spec.eot), score
+
+
+def estimate(
+    proto: Protocol, n: int, samples: int, grad_ms: float, fwd_ms: float, clean: float = 1.0
+) -> dict:
+    """Upper bound of the wall time: every clean-correct image attacked by every attack (the
+    cascade skips broken ones), gradient and forward costs per image as measured."""
+    rows = []
+    m = min(proto.sweep_n or n, n)
+    jobs = [(s, n, "main") for s in proto.attacks] + [(s, m, "sweep") for s in proto.sweep]
+    if proto.convergence and proto.convergence_n:
+        c = proto.convergence
+        jobs += [(c.replace(steps=2 * c.steps), proto.convergence_n, "convergence")]
+        jobs += [(c.replace(eot=2 * c.eot), proto.convergence_n, "convergence")]
+    for spec, images, role in jobs:
+        g, f = _work(spec, samples)
+        seconds = clean * images * (g * grad_ms + f * fwd_ms) / 1000
+        rows.append({"role": role, "attack": spec.key, "images": images, "hours": seconds / 3600})
+    return {"hours": sum(r["hours"] for r in rows), "rows": rows}

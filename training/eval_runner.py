@@ -1,0 +1,260 @@
+"""Running attacks for ``atop eval``: scoring by the service's rule, the cascade, resumable state.
+
+Scoring (``Scorer``): each final adversarial example is judged three ways, per image:
+
+* ``vote`` — the service's answer with ``samples=k``: argmax of the softmax averaged over k
+  fresh draws. This is the headline figure and the rule the cascade uses.
+* ``single`` — the fraction of those k draws whose own argmax is right: the expected accuracy
+  of a client asking with ``samples=1``.
+* ``fixed`` — one fixed draw per image (the same for every attack).
+
+An attack may return several candidates per image (APGD's best-loss and last-misclassified
+points); per image the one with the smallest vote margin is kept, as an attacker able to query
+the service would do. The same k draws score every candidate (common random numbers).
+
+State: after every batch the per-image results go to a JSON state file (atomic replace). A run
+that stops, for any reason, continues from the last finished batch; every random number of a
+batch derives from (seed, attack, batch index), so a resumed run gives exactly the numbers an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from training.eval_attacks import AttackSpec, check_threat_model, run_attack
+from training.eval_targets import Target
+from training.transforms import sample_rt
+
+log = logging.getLogger("atop.eval")
+RULES = ("vote", "single", "fixed")
+
+
+@dataclass
+class Scores:
+    """Per-image correctness under the three rules (1.0 = right)."""
+
+    vote: torch.Tensor
+    single: torch.Tensor
+    fixed: torch.Tensor
+
+    def take(self, idx: torch.Tensor) -> Scores:
+        return Scores(self.vote[idx], self.single[idx], self.fixed[idx])
+
+    def worst(self, other: Scores) -> Scores:
+        return Scores(*(torch.minimum(a, b) for a, b in zip(self.rows(), other.rows(), strict=True)))
+
+    def put(self, idx: torch.Tensor, other: Scores) -> Scores:
+        rows = [a.clone() for a in self.rows()]
+        for a, b in zip(rows, other.rows(), strict=True):
+            a[idx] = b
+        return Scores(*rows)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.vote, self.single, self.fixed
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v.mean()) if len(v) else 0.0 for k, v in zip(RULES, self.rows(), strict=True)}
+
+    def to_json(self) -> dict:
+        return {k: [round(t, 6) for t in v.cpu().tolist()] for k, v in zip(RULES, self.rows(), strict=True)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Scores:
+        return cls(*(torch.tensor(d[k], dtype=torch.float32) for k in RULES))
+
+    @classmethod
+    def cat(cls, parts: list[Scores]) -> Scores:
+        if not parts:
+            return cls(*(torch.zeros(0) for _ in range(3)))
+        return cls(*(torch.cat([getattr(p, k) for p in parts]) for k in RULES))
+
+
+class Scorer:
+    """Scores inputs of the images ``idx`` of the subset by the vote, single and fixed rules."""
+
+    def __init__(self, target: Target, samples: int, n: int, fixed_seed: int, device: str = "cpu"):
+        self.target, self.samples = target, samples if target.randomized else 1
+        gen = torch.Generator().manual_seed(fixed_seed)
+        self.fixed = sample_rt(target.spec, n, gen, device) if target.randomized else None
+
+    @torch.no_grad()
+    def __call__(self, cands: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, seed: int) -> Scores:
+        best: Scores | None = None
+        best_margin = None
+        for c in cands:
+            s, margin = self._one(c, y, idx, seed)
+            if best is None:
+                best, best_margin = s, margin
+                continue
+            pick = margin < best_margin
+            best = Scores(*(torch.where(pick, a, b) for a, b in zip(s.rows(), best.rows(), strict=True)))
+            best_margin = torch.minimum(margin, best_margin)
+        return best
+
+    def _one(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, seed: int
+    ) -> tuple[Scores, torch.Tensor]:
+        t = self.target
+        if not t.randomized:
+            probs = t.classifier(x).softmax(1)
+            ok = (probs.argmax(1) == y).float()
+            return Scores(ok, ok, ok), _margin(probs, y)
+        gen = torch.Generator().manual_seed(seed)
+        probs, single = 0.0, torch.zeros(x.shape[0])
+        for _ in range(self.samples):
+            d = sample_rt(t.spec, x.shape[0], gen, x.device)
+            p = t.pipeline(x, d.noise, d.masks).softmax(1)
+            probs, single = probs + p, single + (p.argmax(1) == y).float()
+        fixed = t.pipeline(x, self.fixed.noise[idx], self.fixed.masks[idx]).argmax(1) == y
+        probs = probs / self.samples
+        vote = (probs.argmax(1) == y).float()
+        return Scores(vote, single / self.samples, fixed.float()), _margin(probs, y)
+
+
+def _margin(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    true = probs.gather(1, y[:, None]).squeeze(1)
+    other = probs.scatter(1, y[:, None], -1.0).amax(1)
+    return true - other
+
+
+def derive_seed(*parts) -> int:
+    """A stable 62-bit seed from any printable parts (never Python's salted hash)."""
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 2
+
+
+class EvalState:
+    """The JSON state file: {"identity": ..., "sections": {name: {...}}}, rewritten atomically."""
+
+    def __init__(self, path: Path | None, identity: dict):
+        self.path = path
+        self.data = {"identity": identity, "sections": {}}
+        if path is not None and path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("identity") != identity:
+                raise ValueError(
+                    f"{path}: the state file belongs to a different evaluation (other model, subset, "
+                    "seed, samples or batch size); delete it or choose another --out"
+                )
+            self.data = saved
+            log.info("resuming from %s (%d sections)", path, len(saved["sections"]))
+
+    def section(self, name: str) -> dict:
+        return self.data["sections"].setdefault(name, {})
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.data) + "\n")
+        os.replace(tmp, self.path)
+
+
+@dataclass
+class Outcome:
+    """One attack's results: ``alone`` on its targets, ``after`` on all n (cascade-cumulative)."""
+
+    spec: AttackSpec
+    label: str
+    targets: torch.Tensor
+    alone: Scores
+    after: Scores
+    cascade_after: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def _bar(total: int, initial: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, mininterval=1.0 if sys.stderr.isatty() else 60.0)
+
+
+def clean_scores(
+    target: Target, scorer: Scorer, x, y, state: EvalState, name: str, seed: int, bs: int
+) -> Scores:
+    sec = state.section(f"{name}/clean")
+    if "scores" not in sec:
+        parts = []
+        for b in range(0, len(y), bs):
+            idx = torch.arange(b, min(b + bs, len(y)))
+            parts.append(scorer([x[idx]], y[idx], idx, derive_seed(seed, name, "clean", b)))
+        sec["scores"] = Scores.cat(parts).to_json()
+        state.save()
+    return Scores.from_json(sec["scores"])
+
+
+def run_attacks(
+    specs: tuple[AttackSpec, ...],
+    target: Target,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clean: Scores,
+    scorer: Scorer,
+    state: EvalState,
+    *,
+    name: str,
+    seed: int,
+    batch_size: int,
+) -> list[Outcome]:
+    """Run ``specs`` in order (cascading within a threat model), resuming from ``state``."""
+    worst: dict[tuple, Scores] = {}
+    history: dict[tuple, list[AttackSpec]] = {}
+    outcomes = []
+    for spec in specs:
+        label = spec.label(target.randomized)
+        earlier = history.get(spec.threat, []) if spec.cascade else []
+        before = ",".join(e.key for e in earlier)
+        base = worst.get(spec.threat, clean) if spec.cascade else clean
+        sec = state.section(f"{name}/{spec.key}/after:{before}")
+        if "targets" not in sec:
+            sec.update(targets=(base.vote > 0.5).nonzero().flatten().tolist(), done={})
+        targets = torch.tensor(sec["targets"], dtype=torch.long)
+        chunks = [targets[i : i + batch_size] for i in range(0, len(targets), batch_size)]
+        bar = _bar(len(targets), sum(len(chunks[int(b)]) for b in sec["done"]), f"{name} {label} {spec.norm}")
+        for b, idx in enumerate(chunks):
+            if str(b) in sec["done"]:
+                continue
+            t0 = time.time()
+            s = derive_seed(seed, name, spec.key, before, b)
+            model = target.stochastic(torch.Generator().manual_seed(s))
+            xb, yb = x[idx], y[idx]
+
+            def still_robust(cands, yb=yb, idx=idx, s=s):
+                return scorer(cands, yb, idx, seed=s + 1).vote > 0.5
+
+            cands = run_attack(spec, model, xb, yb, seed=s, still_robust=still_robust)
+            for c in cands:
+                check_threat_model(spec, xb, c)
+            res = scorer(cands, yb, idx, seed=s + 2)
+            sec["done"][str(b)] = res.to_json() | {"wall_s": round(time.time() - t0, 2)}
+            state.save()
+            bar.update(len(idx))
+        bar.close()
+        alone = Scores.cat([Scores.from_json(sec["done"][str(b)]) for b in range(len(chunks))])
+        after = base.put(targets, base.take(targets).worst(alone))
+        wall = sum(sec["done"][str(b)]["wall_s"] for b in range(len(chunks)))
+        labels = [e.label(target.randomized) for e in earlier]
+        outcomes.append(Outcome(spec, label, targets, alone, after, labels, round(wall, 1)))
+        if spec.cascade:
+            worst[spec.threat] = after
+            history.setdefault(spec.threat, []).append(spec)
+        m = after.means()
+        log.info(
+            "%s %s %s eps=%.4g: %.4f vote, %.4f single, %.4f fixed",
+            name,
+            label,
+            spec.norm,
+            spec.eps,
+            *m.values(),
+        )
+    return outcomes

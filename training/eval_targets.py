@@ -1,0 +1,191 @@
+"""What ``atop eval`` attacks: the deployed pipeline or one of its baselines, behind one interface.
+
+A ``Target`` is either deterministic (``pipeline is None``: the bare classifier, undefended or
+adversarially trained) or randomized: ``pipeline(x, noise, masks) -> logits`` is deterministic
+given one draw of the random transform, and ``stochastic(gen)`` returns the callable an attacker
+sees (fresh randomness from ``gen`` on every call, exact gradients end to end).
+
+Sources:
+
+* checkpoints: ``--classifier`` alone (undefended or AT), ``--defense rt`` (RT only: the
+  classifier sees the noisy image with holes), or ``--purifier`` (RT + purifier: AP for a
+  pre-trained purifier, AToP for a fine-tuned one);
+* a model-store version: the exported TorchScript ``model.pt`` after ``verify`` (every sha256
+  checked), attacked through its differentiable ``forward_with(x, noise, masks)`` with our own
+  draws from the manifest's RT spec, i.e. the deployed weights and graph, not a re-build.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from training.purifier import StochasticPipeline
+from training.transforms import RTSpec, apply_rt
+
+DEFENSES = ("auto", "none", "rt", "full")
+
+
+class RTOnlyPipeline(nn.Module):
+    """f(t(x)) without a purifier: the classifier sees the noisy image with the holes zeroed.
+    RT3 uses its first copy (one of the num_masks partitions missing)."""
+
+    def __init__(self, classifier: nn.Module, spec: RTSpec):
+        super().__init__()
+        self.classifier = classifier
+        self.spec = spec
+        self.noise_std = spec.applied_noise_std
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return self.classifier(apply_rt(x, noise, masks[:, :1], self.noise_std)[:, 0, :3])
+
+
+class StorePipeline(nn.Module):
+    """A store version's TorchScript pipeline as ``(x, noise, masks) -> logits``."""
+
+    def __init__(self, scripted: nn.Module, spec: RTSpec):
+        super().__init__()
+        self.scripted = scripted
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return self.scripted.forward_with(x, noise, masks)
+
+
+class ScriptedRaw(nn.Module):
+    """The store version's bare classifier f(x) (its ``raw_logits`` method)."""
+
+    def __init__(self, scripted: nn.Module):
+        super().__init__()
+        self.scripted = scripted
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scripted.raw_logits(x)
+
+
+@dataclass
+class Target:
+    role: str  # undefended | at | rt-only | ap | atop | pipeline
+    classifier: nn.Module  # the bare classifier f, [0,1] in, logits out
+    pipeline: nn.Module | None = None  # (x, noise, masks) -> logits; None: deterministic
+    spec: RTSpec | None = None
+    adversarially_trained: bool = False
+    source: dict = field(default_factory=dict)
+
+    @property
+    def randomized(self) -> bool:
+        return self.pipeline is not None
+
+    @property
+    def description(self) -> str:
+        return {
+            "undefended": "undefended classifier f(x)",
+            "at": "adversarially trained classifier f(x), no purification",
+            "rt-only": "random transform only: f(t(x)), no purifier",
+            "ap": "RT + pre-trained purifier (AP): f(g(t(x)))",
+            "atop": "RT + fine-tuned purifier (AToP): f(g(t(x)))",
+        }.get(self.role, "RT + purifier: f(g(t(x)))")
+
+    def stochastic(self, gen: torch.Generator | None) -> nn.Module:
+        """The model as an attacker sees it: fresh randomness from ``gen`` on every call."""
+        # .eval(): a new Module starts in training mode, and attacks.eval_mode restores the mode
+        # it found recursively, which would leave the BatchNorms in training mode.
+        return StochasticPipeline(self.pipeline, gen).eval() if self.pipeline is not None else self.classifier
+
+    def to(self, device: str) -> Target:
+        """Move the models (not the samplers: draws are made on the CPU and moved)."""
+        self.classifier.to(device)
+        if self.pipeline is not None:
+            self.pipeline.to(device)
+        return self
+
+    def bare(self) -> Target:
+        """The same classifier with no defense (for the 'undefended falls to ~0%' check)."""
+        role = "at" if self.adversarially_trained else "undefended"
+        return Target(role, self.classifier, adversarially_trained=self.adversarially_trained)
+
+
+def _frozen(m: nn.Module) -> nn.Module:
+    for p in m.parameters():  # (ScriptModules have no requires_grad_)
+        p.requires_grad_(False)
+    return m.eval()
+
+
+def _role_from_purifier(stage: str | None) -> str:
+    return {"finetune": "atop", "pretrain": "ap"}.get(stage or "", "pipeline")
+
+
+def from_checkpoints(
+    classifier: str, purifier: str = "", defense: str = "auto", spec: RTSpec | None = None
+) -> Target:
+    """A target from training checkpoints. ``spec`` overrides the purifier's deployed RT spec
+    (and is required for ``defense='rt'`` without a purifier)."""
+    from model_store import sha256_file
+    from training.checkpoint import load_checkpoint
+    from training.classifier import load_classifier
+    from training.purifier import DefendedPipeline, load_purifier
+
+    defense = ("full" if purifier else "none") if defense == "auto" else defense
+    f = _frozen(load_classifier(classifier))
+    at = load_checkpoint(classifier).config.get("train", {}).get("adversarial", "none") != "none"
+    source = {
+        "classifier": str(Path(classifier).resolve()),
+        "classifier_sha256": sha256_file(Path(classifier)),
+    }
+    saved = stage = None
+    if purifier:
+        g, saved = load_purifier(purifier)
+        stage = load_checkpoint(purifier).config.get("stage")
+        source |= {"purifier": str(Path(purifier).resolve()), "purifier_sha256": sha256_file(Path(purifier))}
+    rt = spec or saved
+    if defense == "none":
+        return Target("at" if at else "undefended", f, adversarially_trained=at, source=source)
+    if rt is None:
+        raise ValueError("--defense rt needs an RT spec: pass --purifier (its deployed RT) or --rt")
+    if defense == "rt":
+        return Target("rt-only", f, _frozen(RTOnlyPipeline(f, rt)), rt, at, source)
+    if not purifier:
+        raise ValueError("--defense full needs --purifier")
+    pipe = _frozen(DefendedPipeline(g, f, rt))
+    return Target(_role_from_purifier(stage), f, pipe, rt, at, source)
+
+
+def from_store(root: str, name: str, version: int | None, defense: str = "auto") -> Target:
+    """A target from a store version's TorchScript file (verified first)."""
+    from model_store import get_version, verify
+
+    mv = get_version(Path(root), name, version or None)
+    manifest = verify(mv.path)
+    ts = manifest["graph"].get("torchscript")
+    if ts is None:
+        raise ValueError(
+            f"{mv.path}: this version has no TorchScript file, so it cannot be attacked with exact "
+            "gradients; re-export with --formats onnx,torchscript or evaluate its checkpoints"
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        scripted = _frozen(torch.jit.load(str(mv.path / ts["file"]), map_location="cpu"))
+    spec = RTSpec.from_dict({k: v for k, v in manifest["rt"].items() if k != "sampler"})
+    recipe = manifest["provenance"].get("recipe", {})
+    train = recipe.get("classifier", {}).get("config", {}).get("train", {})
+    at = train.get("adversarial", "none") not in ("none", None)
+    stage = recipe.get("purifier", {}).get("config", {}).get("stage")
+    source = {
+        "store": str(Path(root).resolve()),
+        "model": mv.name,
+        "version": mv.version,
+        "manifest_sha256": manifest["manifest_sha256"],
+        "file": ts["file"],
+        "file_sha256": manifest["files"][ts["file"]]["sha256"],
+    }
+    f = ScriptedRaw(scripted)
+    defense = "full" if defense == "auto" else defense
+    if defense == "none":
+        return Target("at" if at else "undefended", f, adversarially_trained=at, source=source)
+    if defense == "rt":
+        return Target("rt-only", f, RTOnlyPipeline(scripted.classifier, spec), spec, at, source)
+    return Target(_role_from_purifier(stage), f, StorePipeline(scripted, spec), spec, at, source)
