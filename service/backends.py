@@ -74,6 +74,15 @@ class OnnxBackend:
         except Exception as e:  # ORT raises its own exception types for bad files
             raise BackendError(f"{path.name}: ONNX Runtime cannot load it: {e}") from e
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if device == "cuda" and self.device != "cuda":
+            # The provider is installed but could not start (driver, CUDA or cuDNN mismatch); ORT
+            # then silently falls back to the CPU. Asked for a GPU: refuse instead of crawling.
+            raise BackendError(
+                f"{path.name}: device=cuda but the CUDA provider did not start "
+                f"(session providers {self.session.get_providers()}); check the CUDA/cuDNN install"
+            )
+        if device == "auto" and cuda and self.device != "cuda":
+            log.warning("CUDA provider available but not used for %s; running on the CPU", path.name)
         inputs = {i.name for i in self.session.get_inputs()}
         wanted = {contract.INPUT_IMAGE, contract.INPUT_NOISE, contract.INPUT_MASKS}
         if inputs != wanted:
