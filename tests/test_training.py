@@ -156,3 +156,12 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits(data, tmp_path):
     step = load_checkpoint(tmp_path / "last.safetensors").header["step"]
     assert 12 <= step < 4800  # past the first epoch, well before the end
     assert not (tmp_path / "final.safetensors").exists()
+
+
+def test_classifier_warm_restart_from_a_checkpoint(data, tmp_path, classifier_ckpt):
+    cmd = f"train classifier --data {data} {TINY_CLASSIFIER} --epochs 1 --batch-size 16 --threads 1"
+    assert atop_run(f"{cmd} --out {tmp_path}/scratch") == 0
+    assert atop_run(f"{cmd} --out {tmp_path}/warm --init {classifier_ckpt}") == 0
+    scratch, warm = _epochs(tmp_path / "scratch")[0], _epochs(tmp_path / "warm")[0]
+    assert warm["train_loss"] < scratch["train_loss"]
+    assert atop_run(f"{cmd} --out {tmp_path}/bad --init {classifier_ckpt} --width 8") == 2  # shape mismatch

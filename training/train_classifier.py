@@ -41,6 +41,7 @@ class TrainClassifierConfig:
     adv_steps: int = 7
     adv_alpha: float = 2 / 255
     seed: int = 0
+    init: str = ""  # start from this checkpoint's weights (fresh optimizer and schedule)
     limit_train: int = 0  # 0 = whole split; tests use a handful of images
     limit_test: int = 0
     checkpoint_every_s: float = 300.0
@@ -79,6 +80,17 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         ck.load_optimizer("classifier", opt)
         step = ck.header["step"]
         log.info("resumed from %s at step %d", ck.path, step)
+    elif cfg.init:  # warm restart: weights only, a new one-cycle schedule
+        ck = load_checkpoint(cfg.init)
+        if (
+            ck.config.get("kind") != "classifier"
+            or ClassifierConfig.from_dict(ck.config["model"]) != cfg.classifier()
+        ):
+            raise ValueError(
+                f"{cfg.init}: not a classifier checkpoint with depth {cfg.depth}, width {cfg.width}"
+            )
+        model.load_state_dict(ck.state_dict("classifier"))
+        log.info("initialised from %s", cfg.init)
     ddp = common.wrap_ddp(model, info)
     saved_config = {"kind": "classifier", "train": asdict(cfg), "model": cfg.classifier().to_dict()}
 
@@ -174,6 +186,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             default=d,
             help=f"{help_} (default {d:g})" if not isinstance(d, str) else help_,
         )
+    p.add_argument(
+        "--init", default="", help="start from this classifier checkpoint's weights (warm restart)"
+    )
     p.add_argument(
         "--adversarial",
         choices=["none", "pgd"],
