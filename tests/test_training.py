@@ -108,6 +108,7 @@ def test_resume_continues_exactly(data, tmp_path, command, extra):
     a = load_checkpoint(tmp_path / "straight" / "final.safetensors")
     b = load_checkpoint(tmp_path / "cut" / "final.safetensors")
     assert a.header["step"] == b.header["step"] == 24
+    assert a.header["epoch"] == b.header["epoch"] == 2
     for k, v in a.state_dict(command).items():
         assert torch.equal(v, b.state_dict(command)[k]), k
 

@@ -8,6 +8,7 @@ readable copy of the JSON is written beside it as ``<stem>.json``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -22,7 +23,9 @@ from torch import nn
 FORMAT = "atop-checkpoint/1"
 
 
+@functools.cache
 def git_commit() -> str:
+    """The code's commit (+ "-dirty"), read once per process: the code cannot change under it."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],

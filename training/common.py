@@ -158,6 +158,12 @@ def evaluate_accuracy(model, split, batch_size: int = 500, limit: int | None = N
     return correct / max(1, total)
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator for everything random in training step ``step`` (attacks, RT draws): a
+    function of (seed, step) alone, so a resumed run replays exactly the same draws."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 class Checkpointer:
     """Decides when to save: every ``every_s`` seconds, and at epoch ends."""
 
@@ -194,14 +200,16 @@ def train_loop(
     step_fn,
     epoch_end_fn,
     save_fn,
-) -> tuple[int, int, dict]:
+    models: list[nn.Module],
+) -> dict:
     """Run epochs of ``step_fn(x, y, step, total) -> dict of floats`` from ``start_step``.
 
     The data order of epoch e comes from a generator seeded with (seed, e), so a run resumed
-    mid-epoch replays the same order and skips the batches already done. ``save_fn(step,
-    metrics)`` is called every ``checkpoint_every_s`` and at each epoch end, after
-    ``epoch_end_fn(step, epoch_fraction, train_means) -> metrics`` (evaluation, rank 0).
-    Returns (last step, total steps, last metrics).
+    mid-epoch replays the same order and skips the batches already done.
+    ``save_fn(name, step, epoch, metrics)`` is called on rank 0 only: with "last.safetensors"
+    every ``checkpoint_every_s`` and after ``epoch_end_fn(step, train_means) -> metrics`` at each
+    epoch end, and with "final.safetensors" once the last step is done, after ``models`` have
+    had their buffers synchronised and their replicas checked. Returns the last metrics.
     """
     from training.data import steps_per_epoch
 
@@ -212,21 +220,30 @@ def train_loop(
         )
     total = spe * spec.epochs
     stop = min(spec.max_steps or total, total)
+
+    def save(name: str, step: int, metrics: dict | None) -> None:
+        if info.main:
+            save_fn(name, step, step // spe, metrics)
+
     step = start_step
     bar = progress(stop, min(step, stop), spec.desc, info)
     saver = Checkpointer(spec.checkpoint_every_s)
     metrics: dict = {}
     with _stop_on_signal(info) as stopped:
         while step < stop:
-            step, metrics = _one_epoch(
-                spec, info, train_split, step, stop, spe, bar, saver, stopped, step_fn, save_fn
+            step, means = _one_epoch(
+                spec, info, train_split, step, stop, spe, bar, saver, stopped, step_fn, save
             )
-            means = metrics.pop("_means")
             metrics = {"epoch": round(step / spe, 3), "step": step, **epoch_end_fn(step, means)}
             runlog.write(**metrics)
-            save_fn(step, metrics)
+            save("last.safetensors", step, metrics)
     bar.close()
-    return step, total, metrics
+    for m in models:
+        sync_buffers(m, info)
+        check_replicas(m, info)
+    if step >= total:
+        save("final.safetensors", step, metrics)
+    return metrics
 
 
 @contextlib.contextmanager
@@ -252,8 +269,8 @@ def _stop_on_signal(info: DistInfo):
             signal.signal(s, handler)
 
 
-def _one_epoch(spec, info, train_split, step, stop, spe, bar, saver, stopped, step_fn, save_fn):
-    """Steps until the epoch (or the run) ends; returns (step, {"_means": train means})."""
+def _one_epoch(spec, info, train_split, step, stop, spe, bar, saver, stopped, step_fn, save):
+    """Steps until the epoch (or the run) ends; returns (step, mean of each training statistic)."""
     from training.data import batches
 
     gen = torch.Generator().manual_seed(spec.seed * 1000 + step // spe)
@@ -275,12 +292,12 @@ def _one_epoch(spec, info, train_split, step, stop, spe, bar, saver, stopped, st
         bar.update(1)
         bar.set_postfix({k: f"{v / n:.3g}" for k, v in sums.items()}, refresh=False)
         if saver.due():
-            save_fn(step, None)
+            save("last.safetensors", step, None)
         if stopped:
-            save_fn(step, None)
+            save("last.safetensors", step, None)
             bar.close()
             log.warning(
                 "stopped by signal %d at step %d; checkpoint saved, continue with --resume", stopped[0], step
             )
             raise SystemExit(128 + stopped[0])
-    return step, {"_means": all_mean({k: v / max(n, 1) for k, v in sums.items()}, info)}
+    return step, all_mean({k: v / max(n, 1) for k, v in sums.items()}, info)

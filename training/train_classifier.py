@@ -18,7 +18,7 @@ from training import common
 from training.attacks import pgd
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.classifier import ClassifierConfig, build_classifier
-from training.data import load_split, steps_per_epoch
+from training.data import load_split
 
 log = logging.getLogger("atop.train.classifier")
 
@@ -49,10 +49,6 @@ class TrainClassifierConfig:
 
     def classifier(self) -> ClassifierConfig:
         return ClassifierConfig(depth=self.depth, width=self.width)
-
-
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None = None) -> dict:
@@ -94,17 +90,16 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
     ddp = common.wrap_ddp(model, info)
     saved_config = {"kind": "classifier", "train": asdict(cfg), "model": cfg.classifier().to_dict()}
 
-    def save(name: str, step: int, metrics: dict | None) -> None:
-        if info.main:
-            save_checkpoint(
-                out / name,
-                models={"classifier": model},
-                optimizers={"classifier": opt} if name == "last.safetensors" else None,
-                config=saved_config,
-                step=step,
-                epoch=step // common_spe,
-                metrics=metrics,
-            )
+    def save(name: str, step: int, epoch: int, metrics: dict | None) -> None:
+        save_checkpoint(
+            out / name,
+            models={"classifier": model},
+            optimizers={"classifier": opt} if name == "last.safetensors" else None,
+            config=saved_config,
+            step=step,
+            epoch=epoch,
+            metrics=metrics,
+        )
 
     def train_step(x: torch.Tensor, y: torch.Tensor, step: int, total: int) -> dict:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -116,7 +111,7 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
                 eps=cfg.adv_eps,
                 steps=cfg.adv_steps,
                 alpha=cfg.adv_alpha,
-                gen=_step_generator(cfg.seed, step),
+                gen=common.step_generator(cfg.seed, step),
             )
         for g in opt.param_groups:
             g["lr"] = common.one_cycle_lr(step, total, cfg.lr, cfg.warmup)
@@ -134,11 +129,10 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         acc = common.evaluate_accuracy(model, test) if info.main else None
         return {"train_loss": means.get("loss"), "train_acc": means.get("acc"), "test_acc": acc}
 
-    common_spe = max(1, steps_per_epoch(train, cfg.batch_size, info.world_size))
     loop = common.LoopSpec(
         cfg.batch_size, cfg.epochs, cfg.seed, cfg.max_steps, cfg.checkpoint_every_s, "classifier"
     )
-    step, total, metrics = common.train_loop(
+    metrics = common.train_loop(
         loop,
         info,
         train,
@@ -146,12 +140,9 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         start_step=step,
         step_fn=train_step,
         epoch_end_fn=epoch_end,
-        save_fn=lambda st, m: save("last.safetensors", st, m),
+        save_fn=save,
+        models=[model],
     )
-    common.sync_buffers(model, info)
-    common.check_replicas(model, info)
-    if step >= total:
-        save("final.safetensors", step, metrics)
     common.finish_distributed(info)
     return metrics
 

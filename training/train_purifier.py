@@ -80,10 +80,6 @@ class PurifierTrainConfig:
         return RTSpec("rt2", self.noise_std, self.block, missing, self.num_masks)
 
 
-def _generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
 @torch.no_grad()
 def evaluate(purifier, classifier, spec: RTSpec, split, seed: int = 1234) -> dict:
     """PSNR of g(t(x)) against x and, with a classifier, top-1 of f(g(t(x))), one fixed draw."""
@@ -149,19 +145,17 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
         "rt": spec.to_dict(),
     }
 
-    def save(name: str, step: int, metrics: dict | None) -> None:
-        if info.main:
-            save_checkpoint(
-                out / name,
-                models={"purifier": G, "discriminator": D},
-                optimizers={"purifier": opt_g, "discriminator": opt_d}
-                if name == "last.safetensors"
-                else None,
-                config=saved_config,
-                step=step,
-                epoch=0,
-                metrics=metrics,
-            )
+    def save(name: str, step: int, epoch: int, metrics: dict | None) -> None:
+        last = name == "last.safetensors"
+        save_checkpoint(
+            out / name,
+            models={"purifier": G, "discriminator": D},
+            optimizers={"purifier": opt_g, "discriminator": opt_d} if last else None,
+            config=saved_config,
+            step=step,
+            epoch=epoch,
+            metrics=metrics,
+        )
 
     def adversarial(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if cfg.adv == "none":
@@ -176,7 +170,7 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
         return torch.cat([x[:k], xa])
 
     def train_step(x: torch.Tensor, y: torch.Tensor, step: int, total: int) -> dict:
-        gen = _generator(cfg.seed, step)
+        gen = common.step_generator(cfg.seed, step)
         lr = common.one_cycle_lr(step, total, cfg.lr, 0.02)
         for g in opt_g.param_groups + opt_d.param_groups:
             g["lr"] = lr
@@ -224,7 +218,7 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
     loop = common.LoopSpec(
         cfg.batch_size, cfg.epochs, cfg.seed, cfg.max_steps, cfg.checkpoint_every_s, cfg.stage
     )
-    step, total, metrics = common.train_loop(
+    metrics = common.train_loop(
         loop,
         info,
         train,
@@ -232,13 +226,9 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
         start_step=step,
         step_fn=train_step,
         epoch_end_fn=epoch_end,
-        save_fn=lambda st, m: save("last.safetensors", st, m),
+        save_fn=save,
+        models=[G, D],
     )
-    common.sync_buffers(D, info)
-    common.check_replicas(G, info)
-    common.check_replicas(D, info)
-    if step >= total:
-        save("final.safetensors", step, metrics)
     common.finish_distributed(info)
     return metrics
 
