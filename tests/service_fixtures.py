@@ -37,44 +37,10 @@ _FILLED = ("schema", "name", "version", "created", "files", "manifest_sha256")
 
 def export_tiny(root: Path, work: Path, *, kind: str = "rt2", seed: int = 0) -> ModelVersion:
     """Tiny random classifier + purifier checkpoints, exported into ``root`` as MODEL."""
-    import torch
-
+    from tests.tiny_models import make_checkpoints
     from training import export
-    from training.checkpoint import save_checkpoint
-    from training.classifier import ClassifierConfig, ResNet
-    from training.purifier import PurifierConfig, UNetPurifier
-    from training.transforms import RTSpec
 
-    torch.manual_seed(seed)
-    clf_cfg = ClassifierConfig(depth=1, width=4, num_classes=len(CIFAR10))
-    clf = ResNet(clf_cfg).eval()
-    for m in clf.modules():  # untrained BatchNorm is the identity; give it statistics
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    pur = UNetPurifier(PurifierConfig(width=4)).eval()
-    spec = RTSpec(kind=kind, noise_std=0.0625)
-    work.mkdir(parents=True, exist_ok=True)
-    c = save_checkpoint(
-        work / "classifier.safetensors",
-        models={"classifier": clf},
-        config={"kind": "classifier", "train": {"seed": seed}, "model": clf_cfg.to_dict()},
-        step=1,
-        epoch=0,
-    )
-    p = save_checkpoint(
-        work / "purifier.safetensors",
-        models={"purifier": pur},
-        config={
-            "kind": "purifier",
-            "stage": "pretrain",
-            "train": {"seed": seed},
-            "model": PurifierConfig(width=4).to_dict(),
-            "rt": spec.to_dict(),
-        },
-        step=1,
-        epoch=0,
-    )
+    c, p = make_checkpoints(work, kind, num_classes=len(CIFAR10), seed=seed)
     return export.run(export.ExportConfig(str(c), str(p), str(root), name=MODEL, classes=CIFAR10))
 
 

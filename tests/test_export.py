@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -19,10 +18,9 @@ import torch
 import model_store
 from atop import contract
 from atop.cli import main as atop
+from tests.tiny_models import make_checkpoints
 from training import export
-from training.checkpoint import save_checkpoint
-from training.classifier import ClassifierConfig, ResNet
-from training.purifier import PurifierConfig, UNetPurifier, load_pipeline
+from training.purifier import load_pipeline
 from training.transforms import RTSpec
 
 CLASSES = ("cat", "dog", "frog")
@@ -37,49 +35,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _randomize_bn(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """Untrained BatchNorm is the identity; give it statistics so parity means something."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-
-
-def make_checkpoints(out: Path, kind: str) -> tuple[Path, Path]:
-    """Tiny checkpoints in the trainers' format (train_classifier/train_purifier saved_config)."""
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    clf_cfg = ClassifierConfig(depth=1, width=4, num_classes=len(CLASSES))
-    clf = ResNet(clf_cfg).eval()
-    _randomize_bn(clf, gen)
-    pur = UNetPurifier(PurifierConfig(width=4)).eval()
-    # The residual head starts at zero: an untrained RT3 pipeline would then ignore its input.
-    torch.nn.init.normal_(pur.head.weight, std=0.1, generator=gen)
-    spec = RTSpec(kind=kind, noise_std=0.0625)
-    c = save_checkpoint(
-        out / "classifier.safetensors",
-        models={"classifier": clf},
-        config={"kind": "classifier", "train": {"seed": 1}, "model": clf_cfg.to_dict()},
-        step=10,
-        epoch=1,
-    )
-    p = save_checkpoint(
-        out / "purifier.safetensors",
-        models={"purifier": pur},
-        config={
-            "kind": "purifier",
-            "stage": "pretrain",
-            "train": {"seed": 2},
-            "model": PurifierConfig(width=4).to_dict(),
-            "rt": spec.to_dict(),
-        },
-        step=20,
-        epoch=0,
-    )
-    return c, p
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict:
     """One published version per RT kind: rt2 through the CLI, rt3 through the Python API."""
@@ -90,12 +45,12 @@ def exported(tmp_path_factory) -> dict:
     (data / "train.tar.gz").write_bytes(b"pretend archive")
     (base / "eval.json").write_text(json.dumps({"clean_accuracy": 0.5, "n_images": 8, "robust": []}))
     out = {}
-    c2, p2 = make_checkpoints(base / "rt2", "rt2")
+    c2, p2 = make_checkpoints(base / "rt2", "rt2", num_classes=len(CLASSES))
     argv = ["export", "--classifier", str(c2), "--purifier", str(p2), "--store", str(store)]
     argv += ["--name", "tiny-rt2", "--classes", ",".join(CLASSES), "--data", str(data)]
     assert atop([*argv, "--evaluation", str(base / "eval.json")]) == 0
     out["rt2"] = (model_store.get_version(store, "tiny-rt2"), c2, p2)
-    c3, p3 = make_checkpoints(base / "rt3", "rt3")
+    c3, p3 = make_checkpoints(base / "rt3", "rt3", num_classes=len(CLASSES))
     cfg = export.ExportConfig(str(c3), str(p3), str(store), name="tiny-rt3", classes=CLASSES)
     out["rt3"] = (export.run(cfg), c3, p3)
     out["store"], out["cfg"] = store, cfg

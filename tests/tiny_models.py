@@ -1,0 +1,60 @@
+"""Tiny random classifier + purifier checkpoints in the trainers' own format, for tests that need
+a pipeline to export or serve without training one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from training.checkpoint import save_checkpoint
+from training.classifier import ClassifierConfig, ResNet
+from training.purifier import PurifierConfig, UNetPurifier
+from training.transforms import RTSpec
+
+
+def _randomize_bn(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Untrained BatchNorm is the identity; give it statistics so parity means something."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+
+
+def make_checkpoints(
+    out: Path, kind: str = "rt2", *, num_classes: int = 10, seed: int = 0
+) -> tuple[Path, Path]:
+    """(classifier, purifier) checkpoint paths under ``out``, as train_classifier/train_purifier
+    would save them (``saved_config``), with width-4 models and RT ``kind``."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    clf_cfg = ClassifierConfig(depth=1, width=4, num_classes=num_classes)
+    clf = ResNet(clf_cfg).eval()
+    _randomize_bn(clf, gen)
+    pur = UNetPurifier(PurifierConfig(width=4)).eval()
+    # The residual head starts at zero: an untrained RT3 pipeline would then ignore its input.
+    torch.nn.init.normal_(pur.head.weight, std=0.1, generator=gen)
+    spec = RTSpec(kind=kind, noise_std=0.0625)
+    out.mkdir(parents=True, exist_ok=True)
+    c = save_checkpoint(
+        out / "classifier.safetensors",
+        models={"classifier": clf},
+        config={"kind": "classifier", "train": {"seed": seed + 1}, "model": clf_cfg.to_dict()},
+        step=10,
+        epoch=1,
+    )
+    p = save_checkpoint(
+        out / "purifier.safetensors",
+        models={"purifier": pur},
+        config={
+            "kind": "purifier",
+            "stage": "pretrain",
+            "train": {"seed": seed + 2},
+            "model": PurifierConfig(width=4).to_dict(),
+            "rt": spec.to_dict(),
+        },
+        step=20,
+        epoch=0,
+    )
+    return c, p
