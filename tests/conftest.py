@@ -1,4 +1,5 @@
-"""Shared fixtures. Service tests: a tiny exported model (once per session) and fresh stores."""
+"""Shared fixtures: one torch thread everywhere; a tiny exported model (once per session) and
+fresh stores for the service tests."""
 
 from __future__ import annotations
 
@@ -9,18 +10,22 @@ import pytest
 from tests import service_fixtures as sf
 
 
-@pytest.fixture(scope="session")
-def tiny_version(tmp_path_factory) -> sf.ModelVersion:
-    """One real export (tiny random checkpoints, ONNX + TorchScript) in a source store."""
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models: one thread is faster than two fighting, and results stay deterministic."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        base = tmp_path_factory.mktemp("tiny-export")
-        return sf.export_tiny(base / "store", base / "ckpt")
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_version(tmp_path_factory) -> sf.ModelVersion:
+    """One real export (tiny random checkpoints, ONNX + TorchScript) in a source store."""
+    base = tmp_path_factory.mktemp("tiny-export")
+    return sf.export_tiny(base / "store", base / "ckpt")
 
 
 @pytest.fixture

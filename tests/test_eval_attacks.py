@@ -31,14 +31,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def accuracy(model, cands, y) -> float:
     """Accuracy when the attacker keeps, per point, any candidate that fools the model."""
     with torch.no_grad():

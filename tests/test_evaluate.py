@@ -51,14 +51,6 @@ def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
     return data, base / "c" / "final.safetensors", base / "p" / "final.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_pgd_breaks_the_undefended_classifier(trained):
     data, clf, _ = trained
     cfg = EvalConfig(data=str(data), classifier=str(clf), n=48, clean_n=48, eps=0.25, steps=10)

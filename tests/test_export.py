@@ -27,14 +27,6 @@ CLASSES = ("cat", "dog", "frog")
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*deprecated:DeprecationWarning")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict:
     """One published version per RT kind: rt2 through the CLI, rt3 through the Python API."""

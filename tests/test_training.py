@@ -32,20 +32,20 @@ def data(tmp_path_factory) -> Path:
     return write_folder(tmp_path_factory.mktemp("data") / "tree", n_train=32, n_test=8)
 
 
+def _train_once(tmp_path_factory, data: Path, what: str, args: str) -> Path:
+    out = tmp_path_factory.mktemp(what)
+    assert atop_run(f"train {what} --data {data} --out {out} {args} --batch-size 16 --threads 1") == 0
+    return out / "final.safetensors"
+
+
 @pytest.fixture(scope="module")
 def classifier_ckpt(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("clf")
-    cmd = f"train classifier --data {data} --out {out} {TINY_CLASSIFIER} --epochs 2 --batch-size 16"
-    assert atop_run(cmd + " --threads 1") == 0
-    return out / "final.safetensors"
+    return _train_once(tmp_path_factory, data, "classifier", f"{TINY_CLASSIFIER} --epochs 2")
 
 
 @pytest.fixture(scope="module")
 def purifier_ckpt(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pur")
-    cmd = f"train purifier --data {data} --out {out} {TINY_PURIFIER} --epochs 1 --batch-size 16"
-    assert atop_run(cmd + " --threads 1") == 0
-    return out / "final.safetensors"
+    return _train_once(tmp_path_factory, data, "purifier", f"{TINY_PURIFIER} --epochs 1")
 
 
 def _epochs(out: Path) -> list[dict]:
