@@ -87,7 +87,6 @@ class Batcher:
         self.metrics = metrics
         self.name = name
         self.depth = 0  # rows waiting, not yet in a batch
-        self.batches_run = 0
         self._jobs: list[Job] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -214,7 +213,6 @@ class Batcher:
                 self._fail(job, InferenceFailed(str(e)))
             return
         dt = time.perf_counter() - t0
-        self.batches_run += 1
         self._batch_s = dt if not self._batch_s else 0.8 * self._batch_s + 0.2 * dt
         if self.metrics is not None:
             self.metrics.observe_batch(rows=n, requests=len({id(j) for j, _, _ in parts}), seconds=dt)

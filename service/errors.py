@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.logs import current_request_id
+from service.registry import NotReady
 
 log = logging.getLogger("atop.service")
 
@@ -48,12 +49,13 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
-def _format_validation(exc: RequestValidationError) -> str:
+def format_validation(errors: list[dict], default: str = "request") -> str:
+    """The first few pydantic validation errors as one line: ``where: what; ...``."""
     parts = []
-    for err in exc.errors()[:5]:
+    for err in errors[:5]:
         where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
-        parts.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
+        parts.append(f"{where or default}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or f"invalid {default}"
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -62,8 +64,13 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
+async def _not_ready(request: Request, exc: NotReady) -> JSONResponse:
+    """No version is loaded and warm yet: the same answer from every route."""
+    return error_response(503, "not_ready", "no model version is loaded yet", {"Retry-After": "5"})
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(422, "invalid_options", _format_validation(exc))
+    return error_response(422, "invalid_options", format_validation(exc.errors()))
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -74,5 +81,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(NotReady, _not_ready)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

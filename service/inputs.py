@@ -22,7 +22,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from service.errors import ApiError
+from service.errors import ApiError, format_validation
 
 RAW_TYPES = {
     "image/png",
@@ -35,7 +35,6 @@ RAW_TYPES = {
     "image/x-ms-bmp",
     "application/octet-stream",
 }
-OPTION_NAMES = ("top_k", "samples", "seed", "deadline_ms")
 
 
 class ClassifyOptions(BaseModel):
@@ -51,6 +50,9 @@ class ClassifyOptions(BaseModel):
     deadline_ms: float | None = Field(
         None, gt=0, description="answer within this or get 504 (at most the server's deadline)"
     )
+
+
+OPTION_NAMES = tuple(ClassifyOptions.model_fields)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -159,8 +161,4 @@ def parse_options(query: dict, body_options: dict) -> ClassifyOptions:
     try:
         return ClassifyOptions.model_validate(merged)
     except ValidationError as e:
-        msgs = []
-        for err in e.errors()[:5]:
-            loc = ".".join(str(x) for x in err["loc"]) or "options"
-            msgs.append(f"{loc}: {err['msg']}")
-        raise ApiError(422, "invalid_options", "; ".join(msgs)) from e
+        raise ApiError(422, "invalid_options", format_validation(e.errors(), "options")) from e

@@ -3,8 +3,8 @@
 Randomness (atop.contract.sample_rt, the version's RT spec):
 
 * unseeded: one fresh generator per request, ``sample_rt(spec, n * k, rng)``;
-* ``seed=s``: every image gets its own ``default_rng(s)`` and its k draws are
-  ``sample_rt(spec, k, rng)``. The answer for an image is then a function of (image, seed,
+* ``seed=s``: every image gets the k draws ``sample_rt(spec, k, default_rng(s))`` (the same
+  for each image of the request, so they are sampled once). The answer for an image is then a function of (image, seed,
   samples, version) alone, wherever it sits in the request and whatever it is batched with, and
   anyone holding the manifest can reproduce the exact purification.
 
@@ -28,12 +28,10 @@ def make_rows(
     if seed is None:
         noise, masks = contract.sample_rt(spec, n * samples, np.random.default_rng())
     else:
-        draws = [contract.sample_rt(spec, samples, np.random.default_rng(seed)) for _ in range(n)]
-        if n == 1:
-            noise, masks = draws[0]
-        else:
-            noise = np.concatenate([d[0] for d in draws])
-            masks = np.concatenate([d[1] for d in draws])
+        # Every image gets the same k draws (its own default_rng(seed)): sample them once.
+        noise, masks = contract.sample_rt(spec, samples, np.random.default_rng(seed))
+        if n > 1:
+            noise, masks = np.concatenate([noise] * n), np.concatenate([masks] * n)
     rows = images if samples == 1 else np.repeat(images, samples, axis=0)
     return np.ascontiguousarray(rows, dtype=np.float32), noise, masks
 

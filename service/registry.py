@@ -16,13 +16,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from model_store import store
 from service.backends import Backend, BackendError, load_backend
 from service.batcher import Batcher
+from service.schemas import Outcome
 from service.selftest import Facts, Refused, manifest_facts, robustness_regressions, self_test
 
 log = logging.getLogger("atop.service")
@@ -36,7 +36,6 @@ class NotReady(Exception):
 class Slot:
     name: str
     version: int
-    path: Path
     manifest: dict
     facts: Facts
     backend: Backend
@@ -45,14 +44,6 @@ class Slot:
     selftest: dict = field(default_factory=dict)
     leases: int = 0
     retired: bool = False
-
-
-@dataclass
-class Outcome:
-    result: str  # swapped | unchanged | refused
-    active_version: int | None
-    candidate: int | None = None
-    message: str = ""
 
 
 class Registry:
@@ -82,22 +73,12 @@ class Registry:
         if slot.retired and slot.leases == 0:
             self._spawn(self._close(slot))
 
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[Slot]:
-        slot = self.acquire()
-        try:
-            yield slot
-        finally:
-            self.release(slot)
-
     # --- loading -----------------------------------------------------------------------------
     def _prepare_blocking(self, mv: store.ModelVersion) -> tuple[dict, Facts, Backend, dict]:
         try:
             manifest = store.verify(mv.path)
         except store.StoreError as e:
             raise Refused(f"verify failed: {e}") from e
-        if manifest.get("name", mv.name) != self.name:
-            raise Refused(f"manifest.json names model {manifest.get('name')!r}, not {self.name!r}")
         facts = manifest_facts(manifest)
         try:
             backend = self.loader(mv.path, manifest, self.settings)
@@ -136,7 +117,9 @@ class Registry:
             self.metrics.reloads.labels("refused").inc()
             serving = f"still serving v{self._active_v()}" if self.active else "nothing is served yet"
             log.warning("refused %s v%d: %s; %s", mv.name, mv.version, reason, serving)
-            return Outcome("refused", self._active_v(), mv.version, reason)
+            return Outcome(
+                result="refused", active_version=self._active_v(), candidate=mv.version, message=reason
+            )
         s = self.settings
         batcher = Batcher(
             backend,
@@ -147,7 +130,7 @@ class Registry:
             name=f"v{mv.version}",
         )
         batcher.start()
-        slot = Slot(mv.name, mv.version, mv.path, manifest, facts, backend, batcher, selftest=report)
+        slot = Slot(mv.name, mv.version, manifest, facts, backend, batcher, selftest=report)
         old, self.active = self.active, slot  # the swap: one reference, on the event loop
         self.refused.pop(mv.version, None)
         self.metrics.set_active(mv.version)
@@ -163,7 +146,7 @@ class Registry:
         )
         if old is not None:
             self._retire(old)
-        return Outcome("swapped", mv.version, mv.version)
+        return Outcome(result="swapped", active_version=mv.version, candidate=mv.version)
 
     # --- public operations -------------------------------------------------------------------
     async def scan(self) -> list[store.ModelVersion]:
@@ -196,7 +179,7 @@ class Registry:
             if unpin:
                 self.pinned = None
             current = self._active_v() or 0
-            outcome = Outcome("unchanged", self._active_v(), None, "no newer version")
+            outcome = Outcome(result="unchanged", active_version=self._active_v(), message="no newer version")
             if self.pinned is not None and current == self.pinned:
                 outcome.message = f"pinned to v{self.pinned}"
                 candidates = []
@@ -222,7 +205,9 @@ class Registry:
             if not match:
                 raise KeyError(version)
             if self._active_v() == version:
-                outcome = Outcome("unchanged", version, version, "already active")
+                outcome = Outcome(
+                    result="unchanged", active_version=version, candidate=version, message="already active"
+                )
                 self.metrics.reloads.labels("unchanged").inc()
             else:
                 outcome = await self._try(match[0], gated=False)

@@ -76,10 +76,12 @@ class Ready(BaseModel):
 
 
 class Outcome(BaseModel):
+    """The result of a reload or activation (also kept by the registry as its last outcome)."""
+
     result: Literal["swapped", "unchanged", "refused"]
     active_version: int | None
-    candidate: int | None
-    message: str
+    candidate: int | None = None
+    message: str = ""
 
 
 class VersionInfo(BaseModel):

@@ -34,7 +34,7 @@ async def reload(
 ) -> Outcome:
     """``refused`` means a candidate failed verification or its self-test; the old version keeps
     serving. The robustness gate applies here (not to an explicit activate)."""
-    return Outcome(**vars(await registry.reload(unpin=unpin)))
+    return await registry.reload(unpin=unpin)
 
 
 @router.post(
@@ -55,4 +55,4 @@ async def activate(registry: RegistryDep, version: int = Path(ge=1)) -> Outcome:
         ) from None
     if outcome.result == "refused":
         raise ApiError(409, "version_refused", f"v{version} refused: {outcome.message}")
-    return Outcome(**vars(outcome))
+    return outcome

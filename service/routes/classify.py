@@ -14,7 +14,6 @@ from service.errors import ApiError
 from service.inputs import ClassifyOptions, parse_options, parse_request
 from service.logs import current_request_id
 from service.predict import make_rows, summarize
-from service.registry import NotReady
 from service.schemas import ERROR_RESPONSES, ClassifyResponse, ModelRef, Timing
 
 router = APIRouter(tags=["classify"])
@@ -73,10 +72,7 @@ async def classify(
     opts = parse_options(dict(request.query_params), body_options)
     _check_caps(opts, settings)
     deadline_ms = min(settings.deadline_ms, opts.deadline_ms or settings.deadline_ms)
-    try:
-        slot = registry.acquire()
-    except NotReady:
-        raise ApiError(503, "not_ready", "no model version is loaded yet", {"Retry-After": "5"}) from None
+    slot = registry.acquire()  # NotReady -> 503 (service.errors)
     try:  # the request finishes on the version it started with, even across a swap
         n, (rows, noise, masks) = await run_in_threadpool(_prepare, blobs, slot, opts, settings.max_pixels)
         remaining = deadline_ms / 1000.0 - (time.perf_counter() - t0)

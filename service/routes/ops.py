@@ -6,16 +6,14 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from service.deps import MetricsDep, RegistryDep
-from service.errors import ApiError
 from service.metrics import CONTENT_TYPE
-from service.registry import Registry
+from service.registry import NotReady, Registry
 from service.schemas import (
     ActiveModel,
     ErrorResponse,
     Health,
     ModelRef,
     ModelsResponse,
-    Outcome,
     Ready,
     VersionInfo,
 )
@@ -37,7 +35,7 @@ async def healthz() -> Health:
 async def readyz(registry: RegistryDep) -> Ready:
     slot = registry.active
     if slot is None:
-        raise ApiError(503, "not_ready", "no model version is loaded yet", {"Retry-After": "5"})
+        raise NotReady()  # -> 503 (service.errors)
     return Ready(status="ready", model=ModelRef(name=slot.name, version=slot.version))
 
 
@@ -78,7 +76,7 @@ async def describe(registry: Registry) -> ModelsResponse:
         active=active,
         pinned=registry.pinned,
         versions=versions,
-        last_reload=None if last is None else Outcome(**vars(last)),
+        last_reload=last,
     )
 
 
