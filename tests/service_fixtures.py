@@ -31,8 +31,6 @@ MODEL = "cifar10-atop"
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 ADMIN_TOKEN = "admin-secret-token"
 API_KEY = "client-api-key-1"
-# filled in by publish; everything else in a manifest is the exporter's draft
-_FILLED = ("schema", "name", "version", "created", "files", "manifest_sha256")
 
 
 def export_tiny(root: Path, work: Path, *, kind: str = "rt2", seed: int = 0) -> ModelVersion:
@@ -48,7 +46,7 @@ def republish(
     root: Path, src: ModelVersion, *, evaluation: dict | None = None, only_onnx: bool = False
 ) -> ModelVersion:
     """The files of ``src`` published again as the next version in ``root`` (cheap)."""
-    draft = {k: v for k, v in src.manifest.items() if k not in _FILLED}
+    draft = dict(src.manifest)  # publish fills schema, name, version, created, files, digest
     files = {f: src.path / f for f in src.manifest["files"]}
     if only_onnx:
         files = {"model.onnx": files["model.onnx"]}

@@ -111,7 +111,7 @@ def _run(model, specs, x, y):
     target = Target("undefended", model)
     scorer = Scorer(target, 1, len(y), 0)
     state = EvalState(None, {})
-    clean = clean_scores(target, scorer, x, y, state, "t", 0, 8)
+    clean = clean_scores(scorer, x, y, state, "t", 0, 8)
     return run_attacks(specs, target, x, y, clean, scorer, state, name="t", seed=0, batch_size=8)
 
 

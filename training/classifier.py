@@ -91,13 +91,14 @@ def build_classifier(cfg: ClassifierConfig) -> ResNet:
     return ResNet(cfg)
 
 
-def load_classifier(path) -> ResNet:
-    """The classifier from a checkpoint written by ``atop train classifier``, in eval mode."""
-    from training.checkpoint import load_checkpoint
+def load_classifier(src) -> ResNet:
+    """The classifier from a checkpoint written by ``atop train classifier`` (a path, or a
+    Checkpoint already read), in eval mode."""
+    from training.checkpoint import Checkpoint, load_checkpoint
 
-    ck = load_checkpoint(path)
+    ck = src if isinstance(src, Checkpoint) else load_checkpoint(src)
     if ck.config.get("kind") != "classifier":
-        raise ValueError(f"{path}: not a classifier checkpoint (kind={ck.config.get('kind')!r})")
+        raise ValueError(f"{ck.path}: not a classifier checkpoint (kind={ck.config.get('kind')!r})")
     model = ResNet(ClassifierConfig.from_dict(ck.config["model"]))
     model.load_state_dict(ck.state_dict("classifier"))
     return model.eval()

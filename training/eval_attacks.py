@@ -48,6 +48,9 @@ SQUARE_P_INIT = 0.8  # AutoAttack's Square setting (p_init=.8, resc_schedule=Fal
 Candidates = list[torch.Tensor]
 
 
+STEPPED = ("pgd", "cw", "flow")  # the attacks that take a fixed step size (alpha)
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     name: str  # one of ATTACKS
@@ -88,12 +91,10 @@ class AttackSpec:
 
     def step_size(self) -> float | None:
         """The step size used (None: adaptive, as APGD and Square choose their own)."""
-        if self.alpha:
-            return self.alpha
         if self.name == "fgsm":
             return self.eps
-        if self.name in ("pgd", "cw", "flow"):
-            return 2.5 * self.eps / self.steps
+        if self.name in STEPPED:
+            return self.alpha or 2.5 * self.eps / self.steps
         return None
 
     def replace(self, **changes) -> AttackSpec:

@@ -18,7 +18,6 @@ from training.eval_attacks import NORM_NAMES, AttackSpec
 from training.eval_protocol import Protocol
 from training.eval_runner import EvalState, Outcome, Scorer, Scores, clean_scores, derive_seed, run_attacks
 from training.eval_targets import Target
-from training.transforms import RTSample
 
 log = logging.getLogger("atop.eval")
 
@@ -30,13 +29,6 @@ SCORING = {
 
 
 DETERMINISTIC = {r: "argmax of the logits (a deterministic model: the three rules coincide)" for r in SCORING}
-
-
-def subset_scorer(scorer: Scorer, idx: torch.Tensor) -> Scorer:
-    sub = Scorer.__new__(Scorer)
-    sub.target, sub.samples = scorer.target, scorer.samples
-    sub.fixed = None if scorer.fixed is None else RTSample(scorer.fixed.noise[idx], scorer.fixed.masks[idx])
-    return sub
 
 
 @torch.no_grad()
@@ -136,7 +128,7 @@ def _bare_check(cfg, target, proto, x, y, state) -> sanity.Check:
     spec = (linf[0] if linf else AttackSpec("pgd", "linf", 8 / 255, 20)).replace(eot=1, cascade=False)
     bare = target.bare()
     scorer = Scorer(bare, 1, len(y), 0)
-    clean = clean_scores(bare, scorer, x, y, state, "bare", cfg.seed, cfg.batch_size)
+    clean = clean_scores(scorer, x, y, state, "bare", cfg.seed, cfg.batch_size)
     (o,) = run_attacks(
         (spec,), bare, x, y, clean, scorer, state, name="bare", seed=cfg.seed, batch_size=cfg.batch_size
     )
@@ -156,9 +148,7 @@ def _convergence(cfg, target, proto, x, y, clean, scorer, state, main) -> sanity
     if not reuse:
         runs.insert(0, base_spec.replace(cascade=False))
     kw = dict(name="convergence", seed=cfg.seed, batch_size=cfg.batch_size)
-    outs = run_attacks(
-        tuple(runs), target, x[sub], y[sub], clean.take(sub), subset_scorer(scorer, sub), state, **kw
-    )
+    outs = run_attacks(tuple(runs), target, x[sub], y[sub], clean.take(sub), scorer.subset(sub), state, **kw)
     accs = [float(o.after.vote.mean()) for o in outs]
     if reuse:
         full = torch.zeros(len(y))
@@ -186,7 +176,7 @@ def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> d
     identity |= {k: getattr(cfg, k) for k in ("data", "n", "seed", "samples", "batch_size")}
     state = EvalState(state_path, identity)
     scorer = Scorer(target, cfg.samples, n, derive_seed(cfg.seed, "fixed"), cfg.device)
-    clean = clean_scores(target, scorer, x, y, state, "main", cfg.seed, cfg.batch_size)
+    clean = clean_scores(scorer, x, y, state, "main", cfg.seed, cfg.batch_size)
     kw = dict(seed=cfg.seed, batch_size=cfg.batch_size)
     main = run_attacks(proto.attacks, target, x, y, clean, scorer, state, name="main", **kw)
     m = min(proto.sweep_n or n, n)
@@ -197,7 +187,7 @@ def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> d
         x[:m],
         y[:m],
         clean.take(head),
-        subset_scorer(scorer, head),
+        scorer.subset(head),
         state,
         name="sweep",
         **kw,

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from training.eval_attacks import AttackSpec
+from training.eval_attacks import STEPPED, AttackSpec
 
 LINF_EPS = 8 / 255
 L2_EPS = 0.5
@@ -128,11 +128,12 @@ def custom(
         if name == "flow":
             specs.append(AttackSpec("flow", "flow", FLOW_EPS, steps, eot, alpha, cascade=False))
         elif name == "fgsm":
-            specs.append(AttackSpec("fgsm", norm, eps, 1, eot, alpha, cascade=cascade))
+            specs.append(AttackSpec("fgsm", norm, eps, 1, eot, cascade=cascade))
         elif name == "square":
             specs.append(AttackSpec("square", norm, eps, square_queries, 1, cascade=cascade))
-        else:
-            specs.append(AttackSpec(name, norm, eps, steps, eot, alpha, cascade=cascade))
+        else:  # alpha only where a fixed step is taken (APGD adapts its own)
+            a = alpha if name in STEPPED else 0.0
+            specs.append(AttackSpec(name, norm, eps, steps, eot, a, cascade=cascade))
     grads = [s for s in specs if s.name in ("pgd", "cw")]
     conv = grads[0] if grads and convergence_n else None
     return Protocol("custom", tuple(specs), _sweep(steps, eot) if sweep else (), sweep_n, conv, convergence_n)
@@ -151,9 +152,7 @@ def _work(spec: AttackSpec, samples: int) -> tuple[float, float]:
     return float(spec.steps * spec.eot), score
 
 
-def estimate(
-    proto: Protocol, n: int, samples: int, grad_ms: float, fwd_ms: float, clean: float = 1.0
-) -> dict:
+def estimate(proto: Protocol, n: int, samples: int, grad_ms: float, fwd_ms: float) -> dict:
     """Upper bound of the wall time: every clean-correct image attacked by every attack (the
     cascade skips broken ones), gradient and forward costs per image as measured."""
     rows = []
@@ -165,6 +164,6 @@ def estimate(
         jobs += [(c.replace(eot=2 * c.eot), proto.convergence_n, "convergence")]
     for spec, images, role in jobs:
         g, f = _work(spec, samples)
-        seconds = clean * images * (g * grad_ms + f * fwd_ms) / 1000
+        seconds = images * (g * grad_ms + f * fwd_ms) / 1000
         rows.append({"role": role, "attack": spec.key, "images": images, "hours": seconds / 3600})
     return {"hours": sum(r["hours"] for r in rows), "rows": rows}

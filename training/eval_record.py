@@ -69,11 +69,7 @@ def record(result: dict) -> ModelVersion:
     manifest = verify(mv.path)
     if manifest["files"][src["file"]]["sha256"] != src["file_sha256"]:
         raise ValueError(f"{mv.path / src['file']}: differs from the file that was evaluated; not recording")
-    draft = {
-        k: v
-        for k, v in manifest.items()
-        if k not in ("schema", "name", "version", "created", "files", "manifest_sha256")
-    }
+    draft = dict(manifest)  # publish fills schema, name, version, created, files and the digest
     draft["evaluation"] = evaluation_block(result, manifest.get("evaluation"))
     draft["provenance"] = manifest["provenance"] | {
         "derived_from": {

@@ -20,6 +20,7 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -31,9 +32,10 @@ from pathlib import Path
 
 import torch
 
+from training.attacks import margin_loss
 from training.eval_attacks import AttackSpec, check_threat_model, run_attack
 from training.eval_targets import Target
-from training.transforms import sample_rt
+from training.transforms import RTSample, sample_rt
 
 log = logging.getLogger("atop.eval")
 RULES = ("vote", "single", "fixed")
@@ -87,6 +89,12 @@ class Scorer:
         gen = torch.Generator().manual_seed(fixed_seed)
         self.fixed = sample_rt(target.spec, n, gen, device) if target.randomized else None
 
+    def subset(self, idx: torch.Tensor) -> Scorer:
+        """The same scorer for the images ``idx`` of its subset (their fixed draws follow)."""
+        sub = copy.copy(self)
+        sub.fixed = None if self.fixed is None else RTSample(self.fixed.noise[idx], self.fixed.masks[idx])
+        return sub
+
     @torch.no_grad()
     def __call__(self, cands: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, seed: int) -> Scores:
         best: Scores | None = None
@@ -108,9 +116,9 @@ class Scorer:
         if not t.randomized:
             probs = t.classifier(x).softmax(1)
             ok = (probs.argmax(1) == y).float()
-            return Scores(ok, ok, ok), _margin(probs, y)
+            return Scores(ok, ok, ok), -margin_loss(probs, y)
         gen = torch.Generator().manual_seed(seed)
-        probs, single = 0.0, torch.zeros(x.shape[0])
+        probs, single = 0.0, torch.zeros(x.shape[0], device=x.device)
         for _ in range(self.samples):
             d = sample_rt(t.spec, x.shape[0], gen, x.device)
             p = t.pipeline(x, d.noise, d.masks).softmax(1)
@@ -118,13 +126,7 @@ class Scorer:
         fixed = t.pipeline(x, self.fixed.noise[idx], self.fixed.masks[idx]).argmax(1) == y
         probs = probs / self.samples
         vote = (probs.argmax(1) == y).float()
-        return Scores(vote, single / self.samples, fixed.float()), _margin(probs, y)
-
-
-def _margin(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    true = probs.gather(1, y[:, None]).squeeze(1)
-    other = probs.scatter(1, y[:, None], -1.0).amax(1)
-    return true - other
+        return Scores(vote, single / self.samples, fixed.float()), -margin_loss(probs, y)
 
 
 def derive_seed(*parts) -> int:
@@ -179,9 +181,7 @@ def _bar(total: int, initial: int, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, mininterval=1.0 if sys.stderr.isatty() else 60.0)
 
 
-def clean_scores(
-    target: Target, scorer: Scorer, x, y, state: EvalState, name: str, seed: int, bs: int
-) -> Scores:
+def clean_scores(scorer: Scorer, x, y, state: EvalState, name: str, seed: int, bs: int) -> Scores:
     sec = state.section(f"{name}/clean")
     if "scores" not in sec:
         parts = []

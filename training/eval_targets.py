@@ -17,6 +17,7 @@ Sources:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,9 +93,7 @@ class Target:
 
     def stochastic(self, gen: torch.Generator | None) -> nn.Module:
         """The model as an attacker sees it: fresh randomness from ``gen`` on every call."""
-        # .eval(): a new Module starts in training mode, and attacks.eval_mode restores the mode
-        # it found recursively, which would leave the BatchNorms in training mode.
-        return StochasticPipeline(self.pipeline, gen).eval() if self.pipeline is not None else self.classifier
+        return StochasticPipeline(self.pipeline, gen) if self.pipeline is not None else self.classifier
 
     def to(self, device: str) -> Target:
         """Move the models (not the samplers: draws are made on the CPU and moved)."""
@@ -120,26 +119,35 @@ def _role_from_purifier(stage: str | None) -> str:
 
 
 def from_checkpoints(
-    classifier: str, purifier: str = "", defense: str = "auto", spec: RTSpec | None = None
+    classifier: str,
+    purifier: str = "",
+    defense: str = "auto",
+    spec: RTSpec | None = None,
+    noise_std: float | None = None,
 ) -> Target:
-    """A target from training checkpoints. ``spec`` overrides the purifier's deployed RT spec
-    (and is required for ``defense='rt'`` without a purifier)."""
+    """A target from training checkpoints (each read once). ``spec`` overrides the purifier's
+    deployed RT spec (and is required for ``defense='rt'`` without a purifier); ``noise_std``
+    overrides only the purifier spec's σ."""
     from model_store import sha256_file
     from training.checkpoint import load_checkpoint
     from training.classifier import load_classifier
     from training.purifier import DefendedPipeline, load_purifier
 
     defense = ("full" if purifier else "none") if defense == "auto" else defense
-    f = _frozen(load_classifier(classifier))
-    at = load_checkpoint(classifier).config.get("train", {}).get("adversarial", "none") != "none"
+    clf_ck = load_checkpoint(classifier)
+    f = _frozen(load_classifier(clf_ck))
+    at = clf_ck.config.get("train", {}).get("adversarial", "none") != "none"
     source = {
         "classifier": str(Path(classifier).resolve()),
         "classifier_sha256": sha256_file(Path(classifier)),
     }
     saved = stage = None
     if purifier:
-        g, saved = load_purifier(purifier)
-        stage = load_checkpoint(purifier).config.get("stage")
+        pur_ck = load_checkpoint(purifier)
+        g, saved = load_purifier(pur_ck)
+        stage = pur_ck.config.get("stage")
+        if noise_std is not None:
+            saved = dataclasses.replace(saved, noise_std=noise_std)
         source |= {"purifier": str(Path(purifier).resolve()), "purifier_sha256": sha256_file(Path(purifier))}
     rt = spec or saved
     if defense == "none":

@@ -87,14 +87,11 @@ def _target(cfg: EvalConfig) -> Target:
         return from_store(cfg.store, cfg.model, cfg.version, cfg.defense)
     if not cfg.classifier:
         raise ValueError("give --classifier (checkpoints) or --store (a model-store version)")
+    noise_std = cfg.noise_std if cfg.noise_std >= 0 else None
     spec = None
-    if cfg.purifier and cfg.noise_std >= 0:
-        from training.purifier import load_purifier
-
-        spec = RTSpec.from_dict({**load_purifier(cfg.purifier)[1].to_dict(), "noise_std": cfg.noise_std})
-    elif not cfg.purifier and (cfg.rt or cfg.defense == "rt"):
-        spec = RTSpec(kind=cfg.rt or "rt2", **({"noise_std": cfg.noise_std} if cfg.noise_std >= 0 else {}))
-    return from_checkpoints(cfg.classifier, cfg.purifier, cfg.defense, spec)
+    if not cfg.purifier and (cfg.rt or cfg.defense == "rt"):
+        spec = RTSpec(kind=cfg.rt or "rt2", **({"noise_std": noise_std} if noise_std is not None else {}))
+    return from_checkpoints(cfg.classifier, cfg.purifier, cfg.defense, spec, noise_std)
 
 
 def build_protocol(cfg: EvalConfig) -> eval_protocol.Protocol:
@@ -126,8 +123,7 @@ def run(cfg: EvalConfig) -> dict:
     result = evaluate(cfg, target, build_protocol(cfg), paths and paths[".state.json"])
     result |= {"config": asdict(cfg)}
     if paths:
-        write_merged(paths[".json"], result)
-        merged = json.loads(paths[".json"].read_text())
+        merged = write_merged(paths[".json"], result)
         paths[".md"].write_text(markdown(merged))
         paths[".svg"].write_text(svg_plot(merged))
         log.info("wrote %s, .md, .svg", paths[".json"])
@@ -145,14 +141,16 @@ def output_paths(out: str) -> dict[str, Path] | None:
     return {ext: base.with_name(base.name + ext) for ext in (".json", ".md", ".svg", ".state.json")}
 
 
-def write_merged(path: Path, result: dict) -> None:
-    """Write ``result``; robust entries already in ``path`` for other attacks are kept."""
+def write_merged(path: Path, result: dict) -> dict:
+    """Write ``result``; robust entries already in ``path`` for other attacks are kept. Returns
+    what was written."""
     old = json.loads(path.read_text()) if path.is_file() else {}
     result = result | {"robust": merge_robust(old.get("robust", []), result["robust"])}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(path)
+    return result
 
 
 def _eps(text: str) -> float:

@@ -134,13 +134,14 @@ def count_parameters(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def load_purifier(path) -> tuple[UNetPurifier, RTSpec]:
-    """The purifier and its deployed RT spec from a purifier/fine-tune checkpoint, eval mode."""
-    from training.checkpoint import load_checkpoint
+def load_purifier(src) -> tuple[UNetPurifier, RTSpec]:
+    """The purifier and its deployed RT spec from a purifier/fine-tune checkpoint (a path, or a
+    Checkpoint already read), eval mode."""
+    from training.checkpoint import Checkpoint, load_checkpoint
 
-    ck = load_checkpoint(path)
+    ck = src if isinstance(src, Checkpoint) else load_checkpoint(src)
     if ck.config.get("kind") != "purifier":
-        raise ValueError(f"{path}: not a purifier checkpoint (kind={ck.config.get('kind')!r})")
+        raise ValueError(f"{ck.path}: not a purifier checkpoint (kind={ck.config.get('kind')!r})")
     model = UNetPurifier(PurifierConfig.from_dict(ck.config["model"]))
     model.load_state_dict(ck.state_dict("purifier"))
     return model.eval(), RTSpec.from_dict(ck.config["rt"])
