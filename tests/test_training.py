@@ -17,6 +17,7 @@ import torch
 from atop.cli import main as atop
 from tests.tiny_data import write_folder
 from training.checkpoint import load_checkpoint
+from training.classifier import load_classifier
 
 TINY_CLASSIFIER = "--depth 1 --width 4"
 TINY_PURIFIER = "--width 4 --disc-width 4"
@@ -59,6 +60,19 @@ def test_classifier_loss_falls(data, tmp_path):
     assert len(log) == 6 and log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
     ck = load_checkpoint(tmp_path / "final.safetensors")
     assert ck.config["kind"] == "classifier" and ck.header["step"] == 36
+
+
+def test_fast_architecture_trains_and_loads(data, tmp_path, classifier_ckpt, caplog):
+    cmd = f"train classifier --data {data} --out {tmp_path} --arch fast {TINY_CLASSIFIER} --epochs 3"
+    assert atop_run(cmd + " --batch-size 16 --lr 0.05 --threads 1") == 0
+    log = _epochs(tmp_path)
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    model = load_classifier(tmp_path / "final.safetensors")
+    assert type(model).__name__ == "FastNet" and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    # A warm restart must not load a ResNet's weights into a FastNet.
+    bad = f"train classifier --data {data} --out {tmp_path / 'w'} --arch fast {TINY_CLASSIFIER}"
+    assert atop_run(bad + f" --epochs 1 --threads 1 --init {classifier_ckpt}") == 2
+    assert "not a fast classifier checkpoint" in caplog.text
 
 
 def test_pgd_adversarial_training_runs(data, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from training.checkpoint import save_checkpoint
-from training.classifier import ClassifierConfig, ResNet
+from training.classifier import ClassifierConfig, build_classifier
 from training.purifier import PurifierConfig, UNetPurifier
 from training.transforms import RTSpec
 
@@ -23,14 +23,14 @@ def _randomize_bn(model: torch.nn.Module, gen: torch.Generator) -> None:
 
 
 def make_checkpoints(
-    out: Path, kind: str = "rt2", *, num_classes: int = 10, seed: int = 0
+    out: Path, kind: str = "rt2", *, num_classes: int = 10, seed: int = 0, arch: str = "resnet"
 ) -> tuple[Path, Path]:
     """(classifier, purifier) checkpoint paths under ``out``, as train_classifier/train_purifier
-    would save them (``saved_config``), with width-4 models and RT ``kind``."""
+    would save them (``saved_config``), with width-4 models, classifier ``arch`` and RT ``kind``."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    clf_cfg = ClassifierConfig(depth=1, width=4, num_classes=num_classes)
-    clf = ResNet(clf_cfg).eval()
+    clf_cfg = ClassifierConfig(depth=1, width=4, num_classes=num_classes, arch=arch)
+    clf = build_classifier(clf_cfg).eval()
     _randomize_bn(clf, gen)
     pur = UNetPurifier(PurifierConfig(width=4)).eval()
     # The residual head starts at zero: an untrained RT3 pipeline would then ignore its input.
