@@ -37,7 +37,9 @@ class ClassifierConfig:
     def __post_init__(self) -> None:
         assert self.depth >= 1 and self.width >= 4 and self.num_classes >= 2
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown classifier architecture {self.arch!r} (one of {', '.join(ARCHITECTURES)})")
+            raise ValueError(
+                f"unknown classifier architecture {self.arch!r} (one of {', '.join(ARCHITECTURES)})"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,7 +123,12 @@ class FastNet(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(3, stem, 2, 1, 0, bias=False), nn.BatchNorm2d(stem), nn.GELU()]
         cin = stem
         for cout in (w, 4 * w, 4 * w):
-            layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.GELU()]
+            layers += [
+                nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+                nn.MaxPool2d(2),
+                nn.BatchNorm2d(cout),
+                nn.GELU(),
+            ]
             layers += [ConvUnit(cout) for _ in range(cfg.depth)]
             cin = cout
         self.features = nn.Sequential(*layers)
