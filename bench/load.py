@@ -588,23 +588,24 @@ def bench_main(cfg: BenchConfig, out: Path | None) -> dict:
 # --- a model to benchmark before the trained one exists ------------------------------------------
 def make_model_main(args: argparse.Namespace) -> None:
     """Random-weight checkpoints in the trainers' format, exported into a store by training.export:
-    ``real`` = ResNet-20 (depth 3, width 16) + width-32 UNet, the CPU recipe's sizes; ``tiny`` =
-    the test suite's sizes."""
+    ``real`` = the CPU recipe's sizes (the fast classifier at width 48 + width-32 UNet); ``tiny``
+    = the test suite's sizes."""
     import tempfile
 
     import torch
 
     from training import export
-    from training.checkpoint import save_checkpoint
-    from training.classifier import ClassifierConfig, ResNet
+    from training.checkpoint import save_pipeline_checkpoints
+    from training.classifier import ClassifierConfig, build_classifier
     from training.data import CIFAR10_CLASSES
     from training.purifier import PurifierConfig, UNetPurifier
     from training.transforms import RTSpec
 
     torch.manual_seed(args.seed)
-    clf_cfg = ClassifierConfig() if args.size == "real" else ClassifierConfig(depth=1, width=4)
-    pur_cfg = PurifierConfig() if args.size == "real" else PurifierConfig(width=4)
-    clf, pur = ResNet(clf_cfg).eval(), UNetPurifier(pur_cfg).eval()
+    real = args.size == "real"
+    clf_cfg = ClassifierConfig(depth=1, width=48 if real else 4, arch="fast" if real else "resnet")
+    pur_cfg = PurifierConfig() if real else PurifierConfig(width=4)
+    clf, pur = build_classifier(clf_cfg).eval(), UNetPurifier(pur_cfg).eval()
     for m in clf.modules():  # untrained BatchNorm is the identity; give it statistics
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
@@ -612,26 +613,7 @@ def make_model_main(args: argparse.Namespace) -> None:
     spec = RTSpec(kind="rt2", noise_std=0.0625)  # the CPU recipe's deployed transform
     train = {"seed": args.seed, "note": "random weights, for bench/load.py timings only"}
     with tempfile.TemporaryDirectory() as tmp:
-        c = save_checkpoint(
-            Path(tmp) / "classifier.safetensors",
-            models={"classifier": clf},
-            config={"kind": "classifier", "train": train, "model": clf_cfg.to_dict()},
-            step=1,
-            epoch=0,
-        )
-        p = save_checkpoint(
-            Path(tmp) / "purifier.safetensors",
-            models={"purifier": pur},
-            config={
-                "kind": "purifier",
-                "stage": "pretrain",
-                "train": train,
-                "model": pur_cfg.to_dict(),
-                "rt": spec.to_dict(),
-            },
-            step=1,
-            epoch=0,
-        )
+        c, p = save_pipeline_checkpoints(Path(tmp), clf, pur, spec.to_dict(), train=train)
         mv = export.run(
             export.ExportConfig(str(c), str(p), args.out, name=args.model, classes=CIFAR10_CLASSES)
         )

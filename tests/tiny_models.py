@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint import save_checkpoint
+from training.checkpoint import save_pipeline_checkpoints
 from training.classifier import ClassifierConfig, build_classifier
 from training.purifier import PurifierConfig, UNetPurifier
 from training.transforms import RTSpec
@@ -36,25 +36,13 @@ def make_checkpoints(
     # The residual head starts at zero: an untrained RT3 pipeline would then ignore its input.
     torch.nn.init.normal_(pur.head.weight, std=0.1, generator=gen)
     spec = RTSpec(kind=kind, noise_std=0.0625)
-    out.mkdir(parents=True, exist_ok=True)
-    c = save_checkpoint(
-        out / "classifier.safetensors",
-        models={"classifier": clf},
-        config={"kind": "classifier", "train": {"seed": seed + 1}, "model": clf_cfg.to_dict()},
-        step=10,
-        epoch=1,
+    # Distinct seeds and steps, so a test can tell the two provenances apart.
+    return save_pipeline_checkpoints(
+        out,
+        clf,
+        pur,
+        spec.to_dict(),
+        train={"seed": seed + 1},
+        purifier_train={"seed": seed + 2},
+        steps=(10, 20),
     )
-    p = save_checkpoint(
-        out / "purifier.safetensors",
-        models={"purifier": pur},
-        config={
-            "kind": "purifier",
-            "stage": "pretrain",
-            "train": {"seed": seed + 2},
-            "model": PurifierConfig(width=4).to_dict(),
-            "rt": spec.to_dict(),
-        },
-        step=20,
-        epoch=0,
-    )
-    return c, p

@@ -158,3 +158,42 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if header.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown checkpoint format {header.get('format')!r}")
     return Checkpoint(path=path, header=header, tensors=groups)
+
+
+def save_pipeline_checkpoints(
+    out: Path,
+    classifier: nn.Module,
+    purifier: nn.Module,
+    rt: dict,
+    *,
+    train: dict,
+    purifier_train: dict | None = None,
+    steps: tuple[int, int] = (1, 1),
+) -> tuple[Path, Path]:
+    """(classifier, purifier) checkpoints under ``out`` for models built in memory, with the
+    configs ``atop train classifier`` / ``atop train purifier`` write (``model`` from each model's
+    ``cfg``, the purifier carrying the RT spec ``rt``). Tests and benchmarks use it to export
+    pipelines they did not train; ``train`` (``purifier_train`` for the purifier when given) says
+    where the weights came from and ``steps`` are the two checkpoints' step counters."""
+    out.mkdir(parents=True, exist_ok=True)
+    c = save_checkpoint(
+        out / "classifier.safetensors",
+        models={"classifier": classifier},
+        config={"kind": "classifier", "train": train, "model": classifier.cfg.to_dict()},
+        step=steps[0],
+        epoch=0,
+    )
+    p = save_checkpoint(
+        out / "purifier.safetensors",
+        models={"purifier": purifier},
+        config={
+            "kind": "purifier",
+            "stage": "pretrain",
+            "train": train if purifier_train is None else purifier_train,
+            "model": purifier.cfg.to_dict(),
+            "rt": rt,
+        },
+        step=steps[1],
+        epoch=0,
+    )
+    return c, p
