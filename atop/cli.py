@@ -29,6 +29,7 @@ TRAIN_COMMANDS = [
         "pre-train the inpainting purifier g (L1 + hinge GAN on RT'd images)",
     ),
     ("finetune", "training.finetune", "AToP: fine-tune g adversarially with f frozen"),
+    ("ensemble", "training.ensemble", "combine trained classifiers (and mirror averaging) into one f"),
 ]
 
 
@@ -57,8 +58,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, help_ in COMMANDS:
         _add(sub, name, module, help_, first == name)
-    train = sub.add_parser("train", help="offline training: classifier, purifier, AToP fine-tune")
-    tsub = train.add_subparsers(dest="what", required=True, metavar="{classifier,purifier,finetune}")
+    train = sub.add_parser("train", help="offline training: classifier, purifier, AToP fine-tune, ensemble")
+    tsub = train.add_subparsers(dest="what", required=True, metavar="{classifier,purifier,finetune,ensemble}")
     for name, module, help_ in TRAIN_COMMANDS:
         p = _add(tsub, name, module, help_, first == "train" and name in argv)
         p.add_argument(

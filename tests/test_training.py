@@ -75,6 +75,30 @@ def test_fast_architecture_trains_and_loads(data, tmp_path, classifier_ckpt, cap
     assert "not a fast classifier checkpoint" in caplog.text
 
 
+def test_ensemble_averages_its_members_over_the_mirror(
+    data, tmp_path, classifier_ckpt, purifier_ckpt, caplog
+):
+    fast = tmp_path / "fast"
+    assert (
+        atop_run(
+            f"train classifier --data {data} --out {fast} --arch fast {TINY_CLASSIFIER} --epochs 1 --batch-size 16"
+        )
+        == 0
+    )
+    members = f"--member {classifier_ckpt} --member {fast}/final.safetensors"
+    assert atop_run(f"train ensemble {members} --flip-tta --data {data} --out {tmp_path}/ens") == 0
+    ck = load_checkpoint(tmp_path / "ens" / "final.safetensors")
+    assert ck.config["model"]["arch"] == "ensemble" and len(ck.config["train"]["members"]) == 2
+    ens, a, b = (load_classifier(p) for p in (ck.path, classifier_ckpt, fast / "final.safetensors"))
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = sum(m(v).softmax(1) for m in (a, b) for v in (x, x.flip(3))) / 4
+        assert torch.allclose(ens(x).softmax(1), expected, atol=1e-6)
+    assert 0 <= ck.header["metrics"]["test_acc"] <= 1
+    assert atop_run(f"train ensemble --member {purifier_ckpt} --out {tmp_path}/bad") == 2
+    assert "not a classifier checkpoint" in caplog.text
+
+
 def test_pgd_adversarial_training_runs(data, tmp_path):
     cmd = f"train classifier --data {data} --out {tmp_path} {TINY_CLASSIFIER} --epochs 1 --batch-size 16"
     assert atop_run(cmd + " --adversarial pgd --adv-steps 2 --threads 1") == 0

@@ -1,0 +1,100 @@
+"""``atop train ensemble``: combine trained classifier checkpoints into one classifier.
+
+No training happens: the members' weights are copied into one checkpoint whose model config is
+``arch="ensemble"`` (optionally with ``flip_tta``), so every later step — the purifier
+fine-tune, export, evaluation, the service — treats it as the classifier f. The output is the
+log of the mean of the members' softmax probabilities. With ``--data`` the combined model's
+top-1 is measured on the test split and stored with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from training import common
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.classifier import ClassifierConfig, build_classifier
+from training.data import load_split
+
+log = logging.getLogger("atop.train.ensemble")
+
+
+def combine(members: list[str], *, flip_tta: bool = False) -> tuple[torch.nn.Module, dict]:
+    """The combined classifier (eval mode) and its provenance, from member checkpoint paths."""
+    if not members:
+        raise ValueError("an ensemble needs at least one --member checkpoint")
+    cfgs, states, sources = [], [], []
+    for path in members:
+        ck = load_checkpoint(path)
+        if ck.config.get("kind") != "classifier":
+            raise ValueError(f"{path}: not a classifier checkpoint (kind={ck.config.get('kind')!r})")
+        cfg = ClassifierConfig.from_dict(ck.config["model"])
+        if cfg.arch == "ensemble" or cfg.flip_tta:
+            raise ValueError(f"{path}: members must be plain networks (no nested ensemble or flip_tta)")
+        cfgs.append(cfg)
+        states.append(ck.state_dict("classifier"))
+        sources.append(
+            {
+                "path": str(path),
+                "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+                "step": ck.header.get("step"),
+                "test_acc": (ck.header.get("metrics") or {}).get("test_acc"),
+                "train": ck.config.get("train", {}),
+            }
+        )
+    if len({c.num_classes for c in cfgs}) != 1:
+        raise ValueError("the members predict different numbers of classes")
+    cfg = ClassifierConfig(
+        arch="ensemble", flip_tta=flip_tta, members=tuple(cfgs), num_classes=cfgs[0].num_classes
+    )
+    model = build_classifier(cfg)
+    ens = model.net if flip_tta else model
+    for member, state in zip(ens.members, states, strict=True):
+        member.load_state_dict(state)
+    seeds = [s["train"].get("seed") for s in sources]
+    return model.eval(), {"members": sources, "flip_tta": flip_tta, "seed": seeds[0]}
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, provenance = combine(args.member, flip_tta=args.flip_tta)
+    metrics = {}
+    if args.data:
+        test = load_split(args.data, "test")
+        metrics["test_acc"] = common.evaluate_accuracy(model, test)
+        log.info(
+            "ensemble of %d, flip_tta=%s: test top-1 %.4f",
+            len(args.member),
+            args.flip_tta,
+            metrics["test_acc"],
+        )
+    out = Path(args.out)
+    path = save_checkpoint(
+        out / "final.safetensors",
+        models={"classifier": model},
+        config={"kind": "classifier", "train": provenance, "model": model.cfg.to_dict()},
+        step=0,
+        epoch=0,
+        metrics=metrics or None,
+    )
+    log.info("wrote %s", path)
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--member", action="append", required=True, help="a classifier checkpoint (repeat for each member)"
+    )
+    p.add_argument("--out", required=True, help="run folder: final.safetensors is written there")
+    p.add_argument(
+        "--flip-tta", action="store_true", help="also average over the mirrored image, inside the model"
+    )
+    p.add_argument(
+        "--data", default="", help="measure the combined model's top-1 on this data set's test split"
+    )
