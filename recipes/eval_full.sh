@@ -12,7 +12,8 @@
 # Environment knobs: N (images, 512), PRESET (leekim | quick), SAMPLES (votes, 8), JOBS (2),
 # DEVICE (cpu | cuda; on a GPU use JOBS=1 and a larger BATCH, e.g. 256), BATCH (64),
 # STORE and MODEL (attack the exported store version for the AToP row instead of checkpoints),
-# AT (path of an adversarially trained classifier checkpoint; the row is skipped if absent).
+# AT (path of an adversarially trained classifier checkpoint; the row is skipped if absent), CLF
+# (the frozen classifier every row shares; default the recipe's ensemble).
 set -euo pipefail
 DATA=${1:-../shared/data/cifar10}
 RUNS=${2:-runs}
@@ -24,7 +25,7 @@ JOBS=${JOBS:-2}
 DEVICE=${DEVICE:-cpu}
 BATCH=${BATCH:-64}
 AT=${AT:-$RUNS/classifier-at/final.safetensors}
-CLF=$RUNS/classifier/final.safetensors
+CLF=${CLF:-$RUNS/classifier-ens/final.safetensors}
 mkdir -p "$OUT"
 
 row() {  # row NAME ARGS... : one `atop eval`, skipped when its JSON exists

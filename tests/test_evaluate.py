@@ -178,7 +178,7 @@ def test_baselines_from_the_same_checkpoints(trained, tmp_path):
     assert at.role == "at" and at.adversarially_trained and not at.randomized
     x = torch.rand(2, 3, 32, 32)
     logits = rt.stochastic(torch.Generator().manual_seed(0))(x)
-    assert logits.shape == (2, rt.classifier.fc.out_features)
+    assert logits.shape == (2, rt.classifier.cfg.num_classes)
 
 
 @pytest.mark.slow  # one ONNX + TorchScript export, ~10 s

@@ -29,10 +29,11 @@ def make_checkpoints(
     would save them (``saved_config``), with width-4 models, classifier ``arch`` and RT ``kind``."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    clf_cfg = ClassifierConfig(depth=1, width=4, num_classes=num_classes, arch=arch)
     if arch == "ensemble":  # both network kinds, mirror-averaged: every classifier op at once
         members = tuple(ClassifierConfig(1, 4, num_classes, arch=a) for a in ("resnet", "fast"))
         clf_cfg = ClassifierConfig(num_classes=num_classes, arch=arch, flip_tta=True, members=members)
+    else:
+        clf_cfg = ClassifierConfig(depth=1, width=4, num_classes=num_classes, arch=arch)
     clf = build_classifier(clf_cfg).eval()
     _randomize_bn(clf, gen)
     pur = UNetPurifier(PurifierConfig(width=4)).eval()

@@ -176,8 +176,9 @@ class FlipAveraged(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(self.net(torch.cat([x, x.flip(3)])), dim=1)
-        a, b = logp.chunk(2)
+        # Two calls, not one on cat([x, mirror]): splitting a batch in two would pin the batch
+        # axis of the exported ONNX graph.
+        a, b = F.log_softmax(self.net(x), dim=1), F.log_softmax(self.net(x.flip(3)), dim=1)
         return torch.logaddexp(a, b) - math.log(2.0)
 
 

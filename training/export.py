@@ -214,7 +214,7 @@ def run(cfg: ExportConfig) -> ModelVersion:
     spec = dataclasses.replace(spec, **overrides)
     pipeline = DefendedPipeline(purifier, load_classifier(cfg.classifier), spec).eval()
     pipeline.requires_grad_(False)
-    k = pipeline.classifier.fc.out_features
+    k = pipeline.classifier.cfg.num_classes
     classes = list(cfg.classes or (CIFAR10_CLASSES if k == 10 else ()))
     if len(classes) != k:
         raise ValueError(f"the classifier has {k} classes; pass --classes with {k} names")
