@@ -134,7 +134,9 @@ def classify(url: str, body: bytes, ctype: str, rid: str, n: int) -> dict:
 
 
 def gateway(a: argparse.Namespace) -> None:
-    images = test_images(Path(a.cifar) if a.cifar else None)
+    cifar = Path(a.cifar) if a.cifar else None
+    real_images = cifar is not None and cifar.is_file()
+    images = test_images(cifar)
 
     say(f"classify through the gateway (public port): {PER_CLASS} test images per class")
     correct, versions = 0, set()
@@ -155,8 +157,10 @@ def gateway(a: argparse.Namespace) -> None:
         f"{2 * len(CIFAR10)} requests (raw JPEG + multipart), {n} images: status 200, schema, "
         f"request ids echoed; {correct}/{n} right; versions {sorted(versions)}",
     )
-    if a.mode == "real":
+    if a.mode == "real" and real_images:
         check(correct >= REAL_MIN_CORRECT, f"real model: >= {REAL_MIN_CORRECT}/{n} labels right", correct)
+    elif a.mode == "real":
+        say("  --  accuracy not checked: the made-up images have no true labels")
 
     # Starlette spools a multipart part over 1 MB to a temporary file: /tmp must be writable
     # even though the root filesystem is not.
