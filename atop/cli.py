@@ -62,9 +62,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     tsub = train.add_subparsers(dest="what", required=True, metavar="{classifier,purifier,finetune,ensemble}")
     for name, module, help_ in TRAIN_COMMANDS:
         p = _add(tsub, name, module, help_, first == "train" and name in argv)
-        p.add_argument(
-            "--resume", action="store_true", help="continue the run in --out from last.safetensors"
+        resume_help = (
+            "no effect (combining takes seconds); accepted so recipes can pass it to every stage"
+            if name == "ensemble"
+            else "continue the run in --out from last.safetensors"
         )
+        p.add_argument("--resume", action="store_true", help=resume_help)
         p.add_argument(
             "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
         )
