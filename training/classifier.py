@@ -8,9 +8,10 @@ feeds raw [0,1] images. Two architectures:
   width=16 is ResNet-20.
 * ``fast`` — a shallow, wide residual net in the style of the fast CIFAR-10 training recipes
   (a 2x2 stem, then three stages of conv → 2x2 max-pool → BN → GELU followed by ``depth``
-  residual conv units; stage widths width, 4*width, 4*width). On a CPU it trains ~1.6x faster
-  per image than a width-32 ResNet and reaches higher accuracy in far fewer epochs, because its
-  compute sits in few, wide layers that vectorise well.
+  residual conv units; stage widths width, 4*width, 4*width). Its compute sits in few, wide
+  layers that vectorise well: on 2 CPU cores, width 48 trains at 599 img/s against 178 for a
+  width-32 ResNet-20 (and 678 for ResNet-20 itself). The CPU recipe's run reached 87.25% in
+  16 epochs (ResNet-20: 87.70% in 40).
 * ``ensemble`` — trained classifiers combined (``atop train ensemble``): the output is the log of
   the mean of the members' softmax probabilities, so softmax(output) is the averaged prediction.
 
@@ -84,13 +85,28 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class _Network(nn.Module):
+    """What both architectures share: the config, normalisation inside the model, conv init."""
+
     def __init__(self, cfg: ClassifierConfig):
         super().__init__()
         self.cfg = cfg
-        w = cfg.width
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def init_convs(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+class ResNet(_Network):
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__(cfg)
+        w = cfg.width
         self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
         blocks: list[nn.Module] = []
         cin = w
@@ -100,16 +116,13 @@ class ResNet(nn.Module):
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(cin, cfg.num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.init_convs()
         # Zero the last BN of each block so every block starts as the identity.
         for m in self.blocks:
             nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
-        x = self.blocks(self.stem(x))
+        x = self.blocks(self.stem(self.normalise(x)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
@@ -126,13 +139,10 @@ class ConvUnit(nn.Module):
         return x + F.gelu(self.bn(self.conv(x)))
 
 
-class FastNet(nn.Module):
+class FastNet(_Network):
     def __init__(self, cfg: ClassifierConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         w = cfg.width
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
         stem = max(w // 2, 8)
         layers: list[nn.Module] = [nn.Conv2d(3, stem, 2, 1, 0, bias=False), nn.BatchNorm2d(stem), nn.GELU()]
         cin = stem
@@ -147,12 +157,10 @@ class FastNet(nn.Module):
             cin = cout
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, cfg.num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.init_convs()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features((x - self.mean) / self.std)
+        x = self.features(self.normalise(x))
         return self.fc(torch.flatten(F.adaptive_max_pool2d(x, 1), 1))
 
 
