@@ -10,15 +10,15 @@ top-1 is measured on the test split and stored with the checkpoint.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 from pathlib import Path
 
 import torch
 
+from model_store import sha256_file
 from training import common
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.classifier import ClassifierConfig, build_classifier
+from training.classifier import ClassifierConfig, build_classifier, load_classifier
 from training.data import load_split
 
 log = logging.getLogger("atop.train.ensemble")
@@ -28,36 +28,34 @@ def combine(members: list[str], *, flip_tta: bool = False) -> tuple[torch.nn.Mod
     """The combined classifier (eval mode) and its provenance, from member checkpoint paths."""
     if not members:
         raise ValueError("an ensemble needs at least one --member checkpoint")
-    cfgs, states, sources = [], [], []
+    nets, sources = [], []
     for path in members:
         ck = load_checkpoint(path)
-        if ck.config.get("kind") != "classifier":
-            raise ValueError(f"{path}: not a classifier checkpoint (kind={ck.config.get('kind')!r})")
-        cfg = ClassifierConfig.from_dict(ck.config["model"])
-        if cfg.arch == "ensemble" or cfg.flip_tta:
+        net = load_classifier(ck)
+        if net.cfg.arch == "ensemble" or net.cfg.flip_tta:
             raise ValueError(f"{path}: members must be plain networks (no nested ensemble or flip_tta)")
-        cfgs.append(cfg)
-        states.append(ck.state_dict("classifier"))
+        nets.append(net)
         sources.append(
             {
                 "path": str(path),
-                "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+                "sha256": sha256_file(Path(path)),
                 "step": ck.header.get("step"),
                 "test_acc": (ck.header.get("metrics") or {}).get("test_acc"),
                 "train": ck.config.get("train", {}),
             }
         )
-    if len({c.num_classes for c in cfgs}) != 1:
-        raise ValueError("the members predict different numbers of classes")
+    # The config refuses members that disagree on the number of classes.
     cfg = ClassifierConfig(
-        arch="ensemble", flip_tta=flip_tta, members=tuple(cfgs), num_classes=cfgs[0].num_classes
+        arch="ensemble",
+        flip_tta=flip_tta,
+        members=tuple(n.cfg for n in nets),
+        num_classes=nets[0].cfg.num_classes,
     )
     model = build_classifier(cfg)
     ens = model.net if flip_tta else model
-    for member, state in zip(ens.members, states, strict=True):
-        member.load_state_dict(state)
-    seeds = [s["train"].get("seed") for s in sources]
-    return model.eval(), {"members": sources, "flip_tta": flip_tta, "seed": seeds[0]}
+    for member, net in zip(ens.members, nets, strict=True):
+        member.load_state_dict(net.state_dict())
+    return model.eval(), {"members": sources, "flip_tta": flip_tta, "seed": sources[0]["train"].get("seed")}
 
 
 def main(args: argparse.Namespace) -> int:
