@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from training import common
 from training.attacks import pgd
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.classifier import ClassifierConfig, build_classifier
+from training.classifier import ClassifierConfig, build_classifier, load_classifier
 from training.data import load_split
 
 log = logging.getLogger("atop.train.classifier")
@@ -78,15 +78,12 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         step = ck.header["step"]
         log.info("resumed from %s at step %d", ck.path, step)
     elif cfg.init:  # warm restart: weights only, a new one-cycle schedule
-        ck = load_checkpoint(cfg.init)
-        if (
-            ck.config.get("kind") != "classifier"
-            or ClassifierConfig.from_dict(ck.config["model"]) != cfg.classifier()
-        ):
+        init = load_classifier(cfg.init)
+        if init.cfg != cfg.classifier():
             raise ValueError(
                 f"{cfg.init}: not a {cfg.arch} classifier checkpoint with depth {cfg.depth}, width {cfg.width}"
             )
-        model.load_state_dict(ck.state_dict("classifier"))
+        model.load_state_dict(init.state_dict())
         log.info("initialised from %s", cfg.init)
     ddp = common.wrap_ddp(model, info)
     saved_config = {"kind": "classifier", "train": asdict(cfg), "model": cfg.classifier().to_dict()}
