@@ -588,8 +588,8 @@ def bench_main(cfg: BenchConfig, out: Path | None) -> dict:
 # --- a model to benchmark before the trained one exists ------------------------------------------
 def make_model_main(args: argparse.Namespace) -> None:
     """Random-weight checkpoints in the trainers' format, exported into a store by training.export:
-    ``real`` = the CPU recipe's sizes (the fast classifier at width 48 + width-32 UNet); ``tiny``
-    = the test suite's sizes."""
+    ``real`` = the shipped model's sizes (the mirror-averaged ensemble of a ResNet-20 and a
+    width-48 fast net, + width-32 UNet); ``tiny`` = the test suite's sizes."""
     import tempfile
 
     import torch
@@ -603,7 +603,11 @@ def make_model_main(args: argparse.Namespace) -> None:
 
     torch.manual_seed(args.seed)
     real = args.size == "real"
-    clf_cfg = ClassifierConfig(depth=1, width=48 if real else 4, arch="fast" if real else "resnet")
+    if real:
+        members = (ClassifierConfig(), ClassifierConfig(depth=1, width=48, arch="fast"))
+        clf_cfg = ClassifierConfig(arch="ensemble", flip_tta=True, members=members)
+    else:
+        clf_cfg = ClassifierConfig(depth=1, width=4)
     pur_cfg = PurifierConfig() if real else PurifierConfig(width=4)
     clf, pur = build_classifier(clf_cfg).eval(), UNetPurifier(pur_cfg).eval()
     for m in clf.modules():  # untrained BatchNorm is the identity; give it statistics
