@@ -71,19 +71,20 @@ def bmp(rgb: tuple[int, int, int], size: int = 32) -> bytes:
     return header + info + pixels
 
 
-def test_images(cifar: Path | None) -> dict[str, list[tuple[bytes, str]]]:
-    """{true label: [(bytes, content type)] * PER_CLASS}: CIFAR-10 test images, or made ones."""
+def test_images(cifar: Path | None) -> tuple[dict[str, list[tuple[bytes, str]]], bool]:
+    """({true label: [(bytes, content type)] * PER_CLASS}, labelled): CIFAR-10 test images, or
+    made-up ones whose "labels" mean nothing (labelled False)."""
     if cifar is not None and cifar.is_file():
         with tarfile.open(cifar) as tar:
             return {
                 c: [(tar.extractfile(f"test/{c}/{i:04d}.jpg").read(), "image/jpeg") for i in range(PER_CLASS)]  # type: ignore[union-attr]
                 for c in CIFAR10
-            }
+            }, True
     say(f"  --  no CIFAR-10 archive at {cifar}: using made-up images (schema checks only)")
     return {
         c: [(bmp((25 * k, 255 - 25 * k, 40 * i)), "image/bmp") for i in range(PER_CLASS)]
         for k, c in enumerate(CIFAR10)
-    }
+    }, False
 
 
 def multipart(files: list[tuple[bytes, str]]) -> tuple[bytes, str]:
@@ -134,9 +135,7 @@ def classify(url: str, body: bytes, ctype: str, rid: str, n: int) -> dict:
 
 
 def gateway(a: argparse.Namespace) -> None:
-    cifar = Path(a.cifar) if a.cifar else None
-    real_images = cifar is not None and cifar.is_file()
-    images = test_images(cifar)
+    images, labelled = test_images(Path(a.cifar) if a.cifar else None)
 
     say(f"classify through the gateway (public port): {PER_CLASS} test images per class")
     correct, versions = 0, set()
@@ -157,7 +156,7 @@ def gateway(a: argparse.Namespace) -> None:
         f"{2 * len(CIFAR10)} requests (raw JPEG + multipart), {n} images: status 200, schema, "
         f"request ids echoed; {correct}/{n} right; versions {sorted(versions)}",
     )
-    if a.mode == "real" and real_images:
+    if a.mode == "real" and labelled:
         check(correct >= REAL_MIN_CORRECT, f"real model: >= {REAL_MIN_CORRECT}/{n} labels right", correct)
     elif a.mode == "real":
         say("  --  accuracy not checked: the made-up images have no true labels")
@@ -263,7 +262,7 @@ DRAIN_SAMPLES = 4  # 4 clients x 64 images x 4 samples ~ 1000 rows: a few second
 def drain(a: argparse.Namespace) -> None:
     """Requests in flight when the container gets SIGTERM still get their answers."""
     url = a.replica[0]
-    first = test_images(Path(a.cifar) if a.cifar else None)[CIFAR10[0]][0]
+    first = test_images(Path(a.cifar) if a.cifar else None)[0][CIFAR10[0]][0]
     body, ctype = multipart([first] * 64)
     results: list[object] = []
 
