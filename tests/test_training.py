@@ -62,12 +62,17 @@ def test_classifier_loss_falls(data, tmp_path):
     assert ck.config["kind"] == "classifier" and ck.header["step"] == 36
 
 
-def test_fast_architecture_trains_and_loads(data, tmp_path, classifier_ckpt, caplog):
-    cmd = f"train classifier --data {data} --out {tmp_path} --arch fast {TINY_CLASSIFIER} --epochs 3"
-    assert atop_run(cmd + " --batch-size 16 --lr 0.05 --threads 1") == 0
-    log = _epochs(tmp_path)
+@pytest.fixture(scope="module")
+def fast_ckpt(data, tmp_path_factory) -> Path:
+    return _train_once(
+        tmp_path_factory, data, "classifier", f"--arch fast {TINY_CLASSIFIER} --epochs 3 --lr 0.05"
+    )
+
+
+def test_fast_architecture_trains_and_loads(data, tmp_path, fast_ckpt, classifier_ckpt, caplog):
+    log = _epochs(fast_ckpt.parent)
     assert log[-1]["train_loss"] < log[0]["train_loss"]
-    model = load_classifier(tmp_path / "final.safetensors")
+    model = load_classifier(fast_ckpt)
     assert type(model).__name__ == "FastNet" and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     # A warm restart must not load a ResNet's weights into a FastNet.
     bad = f"train classifier --data {data} --out {tmp_path / 'w'} --arch fast {TINY_CLASSIFIER}"
@@ -76,20 +81,13 @@ def test_fast_architecture_trains_and_loads(data, tmp_path, classifier_ckpt, cap
 
 
 def test_ensemble_averages_its_members_over_the_mirror(
-    data, tmp_path, classifier_ckpt, purifier_ckpt, caplog
+    data, tmp_path, classifier_ckpt, fast_ckpt, purifier_ckpt, caplog
 ):
-    fast = tmp_path / "fast"
-    assert (
-        atop_run(
-            f"train classifier --data {data} --out {fast} --arch fast {TINY_CLASSIFIER} --epochs 1 --batch-size 16"
-        )
-        == 0
-    )
-    members = f"--member {classifier_ckpt} --member {fast}/final.safetensors"
+    members = f"--member {classifier_ckpt} --member {fast_ckpt}"
     assert atop_run(f"train ensemble {members} --flip-tta --data {data} --out {tmp_path}/ens") == 0
     ck = load_checkpoint(tmp_path / "ens" / "final.safetensors")
     assert ck.config["model"]["arch"] == "ensemble" and len(ck.config["train"]["members"]) == 2
-    ens, a, b = (load_classifier(p) for p in (ck.path, classifier_ckpt, fast / "final.safetensors"))
+    ens, a, b = (load_classifier(p) for p in (ck.path, classifier_ckpt, fast_ckpt))
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         expected = sum(m(v).softmax(1) for m in (a, b) for v in (x, x.flip(3))) / 4
