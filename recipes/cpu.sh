@@ -6,7 +6,7 @@
 #   nohup recipes/cpu.sh ../shared/data/cifar10 runs > runs/recipe.log 2>&1 &
 # Wall time on 2 cores (measured): ResNet-20 ~60 min (85 s/epoch alone) + warm restart ~40 min,
 # fast net ~25 min (90 s/epoch), purifier ~30-45 min (1.6 s/step sharing the cores), fine-tune
-# ~20 min (3 s/step), the two quick evaluations ~10-15 min each.
+# ~20 min (3 s/step), the two quick evaluations ~6-15 min each (6 alone, 15 sharing the cores).
 set -euo pipefail
 DATA=${1:-../shared/data/cifar10}
 RUNS=${2:-runs}
