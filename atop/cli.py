@@ -21,15 +21,28 @@ COMMANDS = [
     ("store", "model_store.cli", "list, show, verify and publish model-store versions"),
     ("eval", "training.evaluate", "robustness evaluation of a store version or checkpoints"),
 ]
+# (command, module, help, what --resume means for it)
+_RESUME = "continue the run in --out from last.safetensors"
 TRAIN_COMMANDS = [
-    ("classifier", "training.train_classifier", "standard or PGD-adversarial training of the classifier f"),
+    (
+        "classifier",
+        "training.train_classifier",
+        "standard or PGD-adversarial training of the classifier f",
+        _RESUME,
+    ),
     (
         "purifier",
         "training.train_purifier",
         "pre-train the inpainting purifier g (L1 + hinge GAN on RT'd images)",
+        _RESUME,
     ),
-    ("finetune", "training.finetune", "AToP: fine-tune g adversarially with f frozen"),
-    ("ensemble", "training.ensemble", "combine trained classifiers (and mirror averaging) into one f"),
+    ("finetune", "training.finetune", "AToP: fine-tune g adversarially with f frozen", _RESUME),
+    (
+        "ensemble",
+        "training.ensemble",
+        "combine trained classifiers (and mirror averaging) into one f",
+        "no effect (combining takes seconds); accepted so recipes can pass it to every stage",
+    ),
 ]
 
 
@@ -60,13 +73,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         _add(sub, name, module, help_, first == name)
     train = sub.add_parser("train", help="offline training: classifier, purifier, AToP fine-tune, ensemble")
     tsub = train.add_subparsers(dest="what", required=True, metavar="{classifier,purifier,finetune,ensemble}")
-    for name, module, help_ in TRAIN_COMMANDS:
+    for name, module, help_, resume_help in TRAIN_COMMANDS:
         p = _add(tsub, name, module, help_, first == "train" and name in argv)
-        resume_help = (
-            "no effect (combining takes seconds); accepted so recipes can pass it to every stage"
-            if name == "ensemble"
-            else "continue the run in --out from last.safetensors"
-        )
         p.add_argument("--resume", action="store_true", help=resume_help)
         p.add_argument(
             "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"

@@ -36,8 +36,6 @@ import itertools
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -50,6 +48,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/load.py` from anywhere
+from service.process import ServeProcess  # noqa: E402 (needs the path above)
+
 RESULTS = REPO / "bench" / "results"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
 TARGET_VS_UNBATCHED, TARGET_VS_CEILING = 3.0, 0.60
@@ -287,12 +287,6 @@ def ceiling_main(args: argparse.Namespace) -> None:
 
 
 # --- the orchestrator ----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATOP_")}
     return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -302,59 +296,21 @@ def _cpus(cpus: tuple[int, ...]) -> str:
     return ",".join(map(str, cpus))
 
 
-class Server:
+class Server(ServeProcess):
     """``atop serve`` in a child process with the benchmark's settings; log in the work folder."""
 
     def __init__(self, cfg: BenchConfig, store: str, max_batch: int, log_path: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.flags = [
-            *("--store", store, "--model-name", cfg.model, "--host", "127.0.0.1", "--port", str(self.port)),
+        flags = [
+            *("--store", store, "--model-name", cfg.model),
             *("--max-batch-size", str(max_batch), "--max-delay-ms", str(cfg.max_delay_ms)),
             *("--queue-size", str(max(1024, max_batch)), "--device", "cpu", "--poll-interval-s", "0"),
-            *(
-                "--intra-op-threads",
-                str(cfg.intra_op_threads),
-                "--inter-op-threads",
-                str(cfg.inter_op_threads),
-            ),
+            *("--intra-op-threads", str(cfg.intra_op_threads)),
+            *("--inter-op-threads", str(cfg.inter_op_threads)),
             "--spinning" if cfg.spinning else "--no-spinning",
             *("--log-level", cfg.log_level),
         ]
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "atop.cli", "serve", *self.flags],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=_env(),
-            cwd=REPO,
-        )
-        if cfg.server_cpus:
-            os.sched_setaffinity(self.proc.pid, cfg.server_cpus)
-        self.log_path = log_path
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                if urllib.request.urlopen(self.url + "/readyz", timeout=2).status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout}s (log: {self.log_path})")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
+        super().__init__(log_path, *flags, cwd=REPO, cpus=cfg.server_cpus)
+        self.flags = flags
 
 
 def _child(args: list[str]) -> dict:
@@ -542,7 +498,7 @@ def bench_main(cfg: BenchConfig, out: Path | None) -> dict:
                 cfg, store, cfg.max_batch_size if mode == "batched" else 1, work / f"server-{mode}.log"
             )
         for mode, server in servers.items():
-            server.wait_ready()
+            server.wait_ready(timeout=300)
             res[mode] = {"flags": server.flags}
             print(f"[{mode}] atop serve {' '.join(server.flags)}")
         rounds = []

@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
 
 import model_store
 from model_store import ModelVersion
+from service.process import ServeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "cifar10-atop"
@@ -91,53 +86,11 @@ def bomb_png(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServiceProcess:
-    """``python -m atop.cli serve`` in a child process; its log goes to a file."""
+class ServiceProcess(ServeProcess):
+    """``atop serve`` in a child process run from the repository root; its log goes to a file."""
 
     def __init__(self, log_path: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "atop.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ATOP_")}
-        env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO
-        )
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode
+        super().__init__(log_path, *args, cwd=REPO)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
