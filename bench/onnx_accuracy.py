@@ -6,6 +6,10 @@ Prints the accuracy averaged over ``--draws`` passes (the mean over the random t
 spread between passes, the undefended classifier's accuracy from the graph's ``raw_logits``
 output, and the figure recorded in the manifest for comparison.
 
+``--samples K`` scores the service's answer for a request with ``samples=K``: K draws per image,
+the defended probabilities averaged over them (``service.predict``), one fresh set of K draws per
+image per pass. The default, 1, is what a request without options gets.
+
     python bench/onnx_accuracy.py --data ../shared/data/cifar10 --store model_store --model cifar10-atop
 """
 
@@ -20,6 +24,7 @@ import onnxruntime as ort
 
 from atop import contract
 from model_store import default_store, get_version
+from service.predict import make_rows, softmax
 from training.data import load_split
 
 
@@ -31,7 +36,10 @@ def main() -> None:
     p.add_argument("--version", type=int, default=None, help="default: newest valid")
     p.add_argument("--n", type=int, default=10000, help="test images (seeded subset when fewer)")
     p.add_argument("--draws", type=int, default=2, help="independent passes over the images")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--samples", type=int, default=1, help="draws averaged per answer, as the service's option"
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images per ONNX run (x samples rows)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -54,20 +62,22 @@ def main() -> None:
         correct = 0
         for i in range(0, len(y_all), args.batch_size):
             x, y = x_all[i : i + args.batch_size], y_all[i : i + args.batch_size]
-            noise, masks = contract.sample_rt(spec, len(y), rng)
+            rows, noise, masks = make_rows(x, spec, args.samples, None, rng=rng)
             logits, raw = sess.run(
                 [contract.OUTPUT_LOGITS, contract.OUTPUT_RAW_LOGITS],
-                {contract.INPUT_IMAGE: x, contract.INPUT_NOISE: noise, contract.INPUT_MASKS: masks},
+                {contract.INPUT_IMAGE: rows, contract.INPUT_NOISE: noise, contract.INPUT_MASKS: masks},
             )
-            correct += int((logits.argmax(1) == y).sum())
+            probs = softmax(logits).reshape(len(y), args.samples, -1).mean(axis=1)
+            correct += int((probs.argmax(1) == y).sum())
             if d == 0:
-                raw_correct += int((raw.argmax(1) == y).sum())
+                raw_correct += int((raw[:: args.samples].argmax(1) == y).sum())
         per_draw.append(correct / len(y_all))
         print(f"pass {d + 1}/{args.draws}: defended accuracy {per_draw[-1]:.4f}", flush=True)
     result = {
         "model": f"{mv.name}/{mv.version}",
         "n_images": len(y_all),
         "draws": args.draws,
+        "samples_per_answer": args.samples,
         "defended_accuracy_mean": float(np.mean(per_draw)),
         "defended_accuracy_per_draw": per_draw,
         "undefended_accuracy": raw_correct / len(y_all),

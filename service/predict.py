@@ -21,12 +21,17 @@ from service.schemas import ClassScore, ImageResult, Suspicion
 
 
 def make_rows(
-    images: np.ndarray, spec: dict, samples: int, seed: int | None
+    images: np.ndarray,
+    spec: dict,
+    samples: int,
+    seed: int | None,
+    rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows i*k + j = image i under draw j: (image, noise, masks)."""
+    """Rows i*k + j = image i under draw j: (image, noise, masks). Unseeded draws come from
+    ``rng`` (default: a fresh generator)."""
     n = len(images)
     if seed is None:
-        noise, masks = contract.sample_rt(spec, n * samples, np.random.default_rng())
+        noise, masks = contract.sample_rt(spec, n * samples, rng or np.random.default_rng())
     else:
         # Every image gets the same k draws (its own default_rng(seed)): sample them once.
         noise, masks = contract.sample_rt(spec, samples, np.random.default_rng(seed))
