@@ -6,7 +6,8 @@
 #   nohup recipes/cpu.sh ../shared/data/cifar10 runs > runs/recipe.log 2>&1 &
 # Wall time on 2 cores (measured): ResNet-20 ~60 min (85 s/epoch alone) + warm restart ~40 min,
 # fast net ~25 min (90 s/epoch), purifier ~30-45 min (1.6 s/step sharing the cores), fine-tune
-# ~20 min (3 s/step), the two quick evaluations ~6-15 min each (6 alone, 15 sharing the cores).
+# ~20 min (3 s/step) + 5 more epochs ~87 min (2.7 s/step), the quick evaluations ~6-15 min
+# each (6 alone, 15 sharing the cores).
 set -euo pipefail
 DATA=${1:-../shared/data/cifar10}
 RUNS=${2:-runs}
@@ -37,10 +38,14 @@ stage purifier atop train purifier --data "$DATA" --epochs 5 --rt rt2 --noise-st
 stage atop atop train finetune --data "$DATA" --epochs 1 --adv pgd --adv-steps 3 --adv-eot 1 --lam 0.5 \
   --lr 3e-4 --clean-fraction 0.5 --noise-std 0.0625 --classifier "$CLF" \
   --purifier "$RUNS/purifier/final.safetensors"
+# Five more fine-tune epochs from there (a new cosine cycle, another seed): v3.
+stage atop-long atop train finetune --data "$DATA" --epochs 5 --adv pgd --adv-steps 3 --adv-eot 1 --lam 0.5 \
+  --lr 3e-4 --clean-fraction 0.5 --noise-std 0.0625 --seed 1 --classifier "$CLF" \
+  --purifier "$RUNS/atop/final.safetensors"
 
 # A quick PGD-EOT check of AP (pre-trained purifier) and AToP (fine-tuned), same attack. The
 # reported table comes from recipes/eval_full.sh (the full protocol, hours per row).
-for model in purifier atop; do
+for model in purifier atop atop-long; do
   out="$RUNS/eval-$model"
   [ -f "$out.json" ] && { echo "[eval-$model] done, skipping"; continue; }
   atop eval --data "$DATA" --classifier "$CLF" \
