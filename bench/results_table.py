@@ -82,7 +82,8 @@ def row(label: str, result: dict) -> str:
     cells.append(pct(worst[0]["accuracy_single_draw"]) if worst else "–")
     c = result.get("cost", {})
     cells.append(
-        f"{c['answer_ms_per_image']:.1f} ms ({c['answer_draws']} draw{'s' * (c['answer_draws'] > 1)})"
+        f"{c['answer_ms_per_image']:.1f} ms ({c['answer_draws']} draw{'s' * (c['answer_draws'] > 1)}, "
+        f"{c.get('threads', '?')} thread{'s' * (c.get('threads') != 1)})"
         if c
         else "–"
     )
@@ -124,8 +125,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
         "† measured in a cascade: only on the images the attacks listed for that row left robust, "
         "so the figure is the worst case over them too. Robust figures are the vote of the row's draws "
         "(the service with samples=k); '1 draw' is what a client with the default samples=1 gets, in "
-        "expectation. Cost: one answer (all draws), "
-        f"{rows[0][1].get('cost', {}).get('threads', '?')} CPU threads.",
+        "expectation. Cost: wall time of one answer (all its draws) per image, on the row's threads.",
         "",
         "### Protocol",
         "",

@@ -228,3 +228,4 @@ def test_results_table(trained, tmp_path):
     text = out.read_text()
     assert "| undefended |" in text and "| AP |" in text and "72.85%" in text
     assert "†" in text and "### Protocol" in text
+    assert "(2 draws, " in text and " thread" in text  # cost cell names its draws and threads
