@@ -48,7 +48,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/load.py` from anywhere
-from service.process import ServeProcess  # noqa: E402 (needs the path above)
+from service.process import ServeProcess, child_env  # noqa: E402 (needs the path above)
 
 RESULTS = REPO / "bench" / "results"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
@@ -287,11 +287,6 @@ def ceiling_main(args: argparse.Namespace) -> None:
 
 
 # --- the orchestrator ----------------------------------------------------------------------------
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ATOP_")}
-    return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _cpus(cpus: tuple[int, ...]) -> str:
     return ",".join(map(str, cpus))
 
@@ -316,7 +311,7 @@ class Server(ServeProcess):
 def _child(args: list[str]) -> dict:
     """Run ``load.py <args>`` in a fresh process; its last stdout line is its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:1])} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -23,6 +23,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment without ``ATOP_*`` settings, with one OpenMP thread and
+    unbuffered output: what a measured or tested child process should start from."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATOP_")}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
 class ServeProcess:
     """One ``python -m atop.cli serve --host 127.0.0.1 --port P *flags`` child."""
 
@@ -31,11 +38,9 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         cmd = [sys.executable, "-m", "atop.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ATOP_")}
-        env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            [*cmd, *flags], stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd
+            [*cmd, *flags], stdout=self._log, stderr=subprocess.STDOUT, env=child_env(), cwd=cwd
         )
         if cpus:
             os.sched_setaffinity(self.proc.pid, cpus)
