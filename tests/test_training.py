@@ -202,3 +202,19 @@ def test_classifier_warm_restart_from_a_checkpoint(data, tmp_path, classifier_ck
     scratch, warm = _epochs(tmp_path / "scratch")[0], _epochs(tmp_path / "warm")[0]
     assert warm["train_loss"] < scratch["train_loss"]
     assert atop_run(f"{cmd} --out {tmp_path}/bad --init {classifier_ckpt} --width 8") == 2  # shape mismatch
+
+
+def test_classifier_adapts_to_the_purifier(data, tmp_path, classifier_ckpt, purifier_ckpt, caplog):
+    cmd = f"train classifier --data {data} {TINY_CLASSIFIER} --batch-size 16 --threads 1 --init {classifier_ckpt}"
+    adapt = f"{cmd} --purifier {purifier_ckpt} --purified-fraction 1.0 --lr 0.05"
+    assert atop_run(f"{adapt} --epochs 6 --out {tmp_path}/a") == 0
+    log = _epochs(tmp_path / "a")
+    assert all(0.0 <= e["test_acc_purified"] <= 1.0 for e in log)
+    assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
+    ck = load_checkpoint(tmp_path / "a" / "final.safetensors")
+    assert ck.config["train"]["purifier"] == str(purifier_ckpt)
+    assert atop_run(f"{cmd} --epochs 1 --out {tmp_path}/p") == 0
+    assert "test_acc_purified" not in _epochs(tmp_path / "p")[0]
+    assert atop_run(f"{adapt} --epochs 1 --out {tmp_path}/b --adversarial pgd") == 2
+    assert "cannot be combined" in caplog.text
+    assert atop_run(f"{cmd} --purifier {purifier_ckpt} --purified-fraction 0 --out {tmp_path}/c") == 2

@@ -2,6 +2,12 @@
 
 The standard model becomes the frozen classifier f of the defense; ``--adversarial pgd`` trains
 the PGD-AT baseline (Madry et al.) that the evaluation compares AToP against.
+
+``--purifier P`` adapts a classifier to the purifier's outputs: a fraction of every batch is
+replaced by g(t(x)), one fresh RT draw per image through the (frozen, pre-trained) purifier P,
+the rest stays clean. The classifier is then frozen again for the AToP fine-tune; only the
+purifier's pre-training never sees it. Each epoch also logs the accuracy of f(g(t(x))) on the
+test set (``test_acc_purified``, one seeded draw per image).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from training.attacks import pgd
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.classifier import ClassifierConfig, build_classifier, load_classifier
 from training.data import load_split
+from training.purifier import DefendedPipeline, StochasticPipeline, load_purifier, purify
+from training.transforms import sample_rt
 
 log = logging.getLogger("atop.train.classifier")
 
@@ -43,6 +51,9 @@ class TrainClassifierConfig:
     adv_alpha: float = 2 / 255
     seed: int = 0
     init: str = ""  # start from this checkpoint's weights (fresh optimizer and schedule)
+    purifier: str = ""  # adapt to this purifier's outputs (see the module docstring)
+    purified_fraction: float = 0.5  # share of each batch replaced by g(t(x)) when --purifier
+    purified_test: int = 1000  # test images for test_acc_purified (0 = all)
     limit_train: int = 0  # 0 = whole split; tests use a handful of images
     limit_test: int = 0
     checkpoint_every_s: float = 300.0
@@ -53,6 +64,10 @@ class TrainClassifierConfig:
 
 
 def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None = None) -> dict:
+    if cfg.purifier and cfg.adversarial != "none":
+        raise ValueError("--purifier and --adversarial cannot be combined")
+    if not 0.0 < cfg.purified_fraction <= 1.0:
+        raise ValueError(f"--purified-fraction must be in (0, 1], got {cfg.purified_fraction}")
     info = common.init_distributed(threads)
     out = Path(cfg.out)
     train = load_split(cfg.data, "train")
@@ -85,6 +100,14 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
             )
         model.load_state_dict(init.state_dict())
         log.info("initialised from %s", cfg.init)
+    purifier, spec = load_purifier(cfg.purifier) if cfg.purifier else (None, None)
+    if purifier is not None:
+        purifier.requires_grad_(False).to(info.device)
+        log.info(
+            "adapting to purifier %s: %.0f%% of each batch is g(t(x))",
+            cfg.purifier,
+            100 * cfg.purified_fraction,
+        )
     ddp = common.wrap_ddp(model, info)
     saved_config = {"kind": "classifier", "train": asdict(cfg), "model": cfg.classifier().to_dict()}
 
@@ -111,6 +134,12 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
                 alpha=cfg.adv_alpha,
                 gen=common.step_generator(cfg.seed, step),
             )
+        if purifier is not None:
+            k = max(1, round(cfg.purified_fraction * x.shape[0]))
+            s = sample_rt(spec, k, common.step_generator(cfg.seed, step), info.device)
+            with torch.no_grad():
+                restored = purify(purifier, x[:k], s.noise, s.masks, spec.applied_noise_std)
+            x = torch.cat([restored.contiguous(memory_format=torch.channels_last), x[k:]])
         for g in opt.param_groups:
             g["lr"] = common.one_cycle_lr(step, total, cfg.lr, cfg.warmup)
         ddp.train()
@@ -125,7 +154,15 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         common.sync_buffers(model, info)
         model.eval()
         acc = common.evaluate_accuracy(model, test) if info.main else None
-        return {"train_loss": means.get("loss"), "train_acc": means.get("acc"), "test_acc": acc}
+        metrics = {"train_loss": means.get("loss"), "train_acc": means.get("acc"), "test_acc": acc}
+        if purifier is not None and info.main:
+            defended = StochasticPipeline(
+                DefendedPipeline(purifier, model, spec), torch.Generator().manual_seed(cfg.seed)
+            )
+            metrics["test_acc_purified"] = common.evaluate_accuracy(
+                defended, test, limit=cfg.purified_test or None
+            )
+        return metrics
 
     loop = common.LoopSpec(
         cfg.batch_size, cfg.epochs, cfg.seed, cfg.max_steps, cfg.checkpoint_every_s, "classifier"
@@ -162,6 +199,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("adv_eps", "PGD-AT: l-inf radius"),
         ("adv_steps", "PGD-AT: attack steps"),
         ("adv_alpha", "PGD-AT: step size"),
+        ("purified_fraction", "with --purifier: share of each batch replaced by g(t(x))"),
+        ("purified_test", "with --purifier: test images for test_acc_purified (0 = all)"),
         ("seed", "seed for data order, augmentation and init"),
         ("limit_train", "use only this many training images (0 = all)"),
         ("limit_test", "evaluate on this many test images (0 = all)"),
@@ -177,6 +216,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         )
     p.add_argument(
         "--init", default="", help="start from this classifier checkpoint's weights (warm restart)"
+    )
+    p.add_argument(
+        "--purifier",
+        default="",
+        help="adapt the classifier to this pre-trained purifier: part of each batch becomes"
+        " g(t(x)) with fresh RT draws (the purifier stays frozen)",
     )
     p.add_argument(
         "--arch",
