@@ -7,7 +7,8 @@ the PGD-AT baseline (Madry et al.) that the evaluation compares AToP against.
 replaced by g(t(x)), one fresh RT draw per image through the (frozen, pre-trained) purifier P,
 the rest stays clean. The classifier is then frozen again for the AToP fine-tune; only the
 purifier's pre-training never sees it. Each epoch also logs the accuracy of f(g(t(x))) on the
-test set (``test_acc_purified``, one seeded draw per image).
+test set (``test_acc_purified``, one fixed draw per image, as ``atop train purifier`` reports
+its ``pipeline_acc``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from training.attacks import pgd
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.classifier import ClassifierConfig, build_classifier, load_classifier
 from training.data import load_split
-from training.purifier import DefendedPipeline, StochasticPipeline, load_purifier, purify
+from training.purifier import load_purifier, purify
+from training.train_purifier import evaluate as evaluate_purified
 from training.transforms import sample_rt
 
 log = logging.getLogger("atop.train.classifier")
@@ -156,12 +158,8 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         acc = common.evaluate_accuracy(model, test) if info.main else None
         metrics = {"train_loss": means.get("loss"), "train_acc": means.get("acc"), "test_acc": acc}
         if purifier is not None and info.main:
-            defended = StochasticPipeline(
-                DefendedPipeline(purifier, model, spec), torch.Generator().manual_seed(cfg.seed)
-            )
-            metrics["test_acc_purified"] = common.evaluate_accuracy(
-                defended, test, limit=cfg.purified_test or None
-            )
+            split = test.subset(cfg.purified_test) if cfg.purified_test else test
+            metrics["test_acc_purified"] = evaluate_purified(purifier, model, spec, split)["pipeline_acc"]
         return metrics
 
     loop = common.LoopSpec(
