@@ -13,7 +13,8 @@
 # DEVICE (cpu | cuda; on a GPU use JOBS=1 and a larger BATCH, e.g. 256), BATCH (64),
 # STORE and MODEL (attack the exported store version for the AToP row instead of checkpoints),
 # AT (path of an adversarially trained classifier checkpoint; the row is skipped if absent), CLF
-# (the frozen classifier every row shares; default the recipe's ensemble).
+# (the frozen classifier every row shares; default the recipe's adapted ensemble), PUR (the AToP
+# purifier; default the recipe's last fine-tune stage).
 set -euo pipefail
 DATA=${1:-../shared/data/cifar10}
 RUNS=${2:-runs}
@@ -25,7 +26,8 @@ JOBS=${JOBS:-2}
 DEVICE=${DEVICE:-cpu}
 BATCH=${BATCH:-64}
 AT=${AT:-$RUNS/classifier-at/final.safetensors}
-CLF=${CLF:-$RUNS/classifier-ens/final.safetensors}
+CLF=${CLF:-$RUNS/classifier-ens-pur/final.safetensors}
+PUR=${PUR:-$RUNS/finetune-2/final.safetensors}
 mkdir -p "$OUT"
 
 row() {  # row NAME ARGS... : one `atop eval`, skipped when its JSON exists
@@ -39,19 +41,19 @@ row() {  # row NAME ARGS... : one `atop eval`, skipped when its JSON exists
 
 throttle() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done; }
 
-for f in "$CLF" "$RUNS/purifier/final.safetensors" "$RUNS/atop/final.safetensors"; do
+for f in "$CLF" "$RUNS/purifier/final.safetensors" "$PUR"; do
   [ -f "$f" ] || { echo "missing $f: train first (recipes/cpu.sh)"; exit 2; }
 done
 if [ -n "${STORE:-}" ]; then
   ATOP_ARGS=(--store "$STORE" --model "${MODEL:-cifar10-atop}")
 else
-  ATOP_ARGS=(--classifier "$CLF" --purifier "$RUNS/atop/final.safetensors")
+  ATOP_ARGS=(--classifier "$CLF" --purifier "$PUR")
 fi
 
 # The expensive rows first, so the two cores stay busy until the end.
 throttle; row atop "${ATOP_ARGS[@]}" &
 throttle; row ap --classifier "$CLF" --purifier "$RUNS/purifier/final.safetensors" &
-throttle; row rt-only --classifier "$CLF" --purifier "$RUNS/atop/final.safetensors" --defense rt &
+throttle; row rt-only --classifier "$CLF" --purifier "$PUR" --defense rt &
 throttle; row undefended --classifier "$CLF" &
 if [ -f "$AT" ]; then throttle; row at --classifier "$AT" & else echo "[at] no $AT, skipping the AT row"; fi
 wait
