@@ -144,12 +144,11 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 @torch.no_grad()
-def evaluate_accuracy(model, split, batch_size: int = 500, limit: int | None = None) -> float:
+@torch.no_grad()
+def evaluate_accuracy(model, split, batch_size: int = 500) -> float:
     """Top-1 accuracy of ``model`` (callable, [0,1] in, logits out) on a Split."""
     from training.data import batches
 
-    if limit is not None:
-        split = split.subset(limit)
     device = next(model.parameters()).device
     correct = total = 0
     for x, y in batches(split, batch_size):
