@@ -218,3 +218,26 @@ def test_classifier_adapts_to_the_purifier(data, tmp_path, classifier_ckpt, puri
     assert atop_run(f"{adapt} --epochs 1 --out {tmp_path}/b --adversarial pgd") == 2
     assert "cannot be combined" in caplog.text
     assert atop_run(f"{cmd} --purifier {purifier_ckpt} --purified-fraction 0 --out {tmp_path}/c") == 2
+
+
+def test_classifier_distils_a_teacher(data, tmp_path, classifier_ckpt, purifier_ckpt):
+    from training.data import load_split
+    from training.train_classifier import soft_targets
+
+    teacher, train = load_classifier(classifier_ckpt), load_split(data, "train")
+    soft = soft_targets(teacher, train, temperature=2.0)
+    with torch.no_grad():
+        expected = torch.softmax(teacher(train.images.float() / 255) / 2.0, dim=1)
+    assert soft.shape == (len(train), 10) and torch.allclose(soft, expected, atol=1e-5)
+
+    cmd = f"train classifier --data {data} {TINY_CLASSIFIER} --batch-size 16 --threads 1 --lr 0.05"
+    kd = f"{cmd} --teacher {classifier_ckpt} --distill-weight 1.0 --distill-temperature 2"
+    # Labels reach the step as positions (32 here, 10 classes): a missing lookup would fail the run.
+    assert atop_run(f"{kd} --epochs 6 --out {tmp_path}/kd --purifier {purifier_ckpt}") == 0
+    log = _epochs(tmp_path / "kd")
+    assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
+    assert all(0.0 <= e["train_acc"] <= 1.0 for e in log)
+    ck = load_checkpoint(tmp_path / "kd" / "final.safetensors")
+    assert ck.config["train"]["teacher"] == str(classifier_ckpt)
+    assert ck.config["train"]["distill_weight"] == 1.0
+    assert atop_run(f"{kd} --epochs 1 --out {tmp_path}/bad --distill-weight 0") == 2

@@ -9,6 +9,15 @@ the rest stays clean. The classifier is then frozen again for the AToP fine-tune
 purifier's pre-training never sees it. Each epoch also logs the accuracy of f(g(t(x))) on the
 test set (``test_acc_purified``, one fixed draw per image, as ``atop train purifier`` reports
 its ``pipeline_acc``).
+
+``--teacher T`` distils a trained classifier T (typically the standard ensemble f) into the
+network being trained: the loss becomes (1 - a) * CE(y, logits) + a * tau^2 * KL(p_T || p_S), with
+both distributions softened by the temperature tau and p_T = T's prediction on the *clean*
+image, also where the student sees g(t(x)) instead. The student so learns T's knowledge of the
+classes and to answer the same on the purified image as T does on the clean one. p_T is
+computed once per training image before the first step, on the image as stored (T, like f,
+averages over the mirror image; the random crop is not seen by T): running T on every batch
+would cost three times the student's own step.
 """
 
 from __future__ import annotations
@@ -20,12 +29,13 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from training import common
 from training.attacks import pgd
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.classifier import ClassifierConfig, build_classifier, load_classifier
-from training.data import load_split
+from training.data import Split, batches, load_split
 from training.purifier import load_purifier, purify
 from training.train_purifier import evaluate as evaluate_purified
 from training.transforms import sample_rt
@@ -56,6 +66,9 @@ class TrainClassifierConfig:
     purifier: str = ""  # adapt to this purifier's outputs (see the module docstring)
     purified_fraction: float = 0.5  # share of each batch replaced by g(t(x)) when --purifier
     purified_test: int = 1000  # test images for test_acc_purified (0 = all)
+    teacher: str = ""  # distil this classifier's clean-image predictions (see the docstring)
+    distill_weight: float = 0.5  # a: share of the loss given to the teacher's soft targets
+    distill_temperature: float = 4.0  # tau: softening of both distributions
     limit_train: int = 0  # 0 = whole split; tests use a handful of images
     limit_test: int = 0
     checkpoint_every_s: float = 300.0
@@ -70,6 +83,8 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         raise ValueError("--purifier and --adversarial cannot be combined")
     if not 0.0 < cfg.purified_fraction <= 1.0:
         raise ValueError(f"--purified-fraction must be in (0, 1], got {cfg.purified_fraction}")
+    if cfg.teacher and not (0.0 < cfg.distill_weight <= 1.0 and cfg.distill_temperature > 0):
+        raise ValueError("--distill-weight must be in (0, 1] and --distill-temperature > 0")
     info = common.init_distributed(threads)
     out = Path(cfg.out)
     train = load_split(cfg.data, "train")
@@ -110,6 +125,18 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
             cfg.purifier,
             100 * cfg.purified_fraction,
         )
+    soft, labels = None, train.labels
+    if cfg.teacher:
+        soft = soft_targets(load_classifier(cfg.teacher).to(info.device), train, cfg.distill_temperature)
+        # The loop hands each step its images' positions in place of their labels, so the step
+        # can look up both the label and the soft target.
+        train = Split(train.images, torch.arange(len(train)), train.classes, train.source, train.checksum)
+        log.info(
+            "distilling %s (weight %g, temperature %g)",
+            cfg.teacher,
+            cfg.distill_weight,
+            cfg.distill_temperature,
+        )
     ddp = common.wrap_ddp(model, info)
     saved_config = {"kind": "classifier", "train": asdict(cfg), "model": cfg.classifier().to_dict()}
 
@@ -126,6 +153,9 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
 
     def train_step(x: torch.Tensor, y: torch.Tensor, step: int, total: int) -> dict:
         x = x.contiguous(memory_format=torch.channels_last)
+        if soft is not None:
+            idx = y.cpu()
+            y, target = labels[idx].to(x.device), soft[idx].to(x.device)
         if cfg.adversarial == "pgd":
             x = pgd(
                 model,
@@ -147,6 +177,10 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         ddp.train()
         logits = ddp(x)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        if soft is not None:
+            tau, a = cfg.distill_temperature, cfg.distill_weight
+            kl = F.kl_div(F.log_softmax(logits / tau, dim=1), target, reduction="batchmean")
+            loss = (1 - a) * loss + a * tau * tau * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -180,6 +214,17 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
     return metrics
 
 
+@torch.no_grad()
+def soft_targets(teacher: torch.nn.Module, split: Split, temperature: float) -> torch.Tensor:
+    """softmax(teacher(x) / temperature) for every image of ``split`` (CPU float32 [N, classes])."""
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    out = []
+    for x, _ in tqdm(batches(split, 500), desc="teacher", total=-(-len(split) // 500), leave=False):
+        out.append(F.softmax(teacher(x.to(device)) / temperature, dim=1).cpu())
+    return torch.cat(out)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = {f.name: f.default for f in fields(TrainClassifierConfig)}
     p.add_argument("--data", required=True, help="CIFAR-10 folder/tar.gz tree or cifar-10-python.tar.gz")
@@ -199,6 +244,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("adv_alpha", "PGD-AT: step size"),
         ("purified_fraction", "with --purifier: share of each batch replaced by g(t(x))"),
         ("purified_test", "with --purifier: test images for test_acc_purified (0 = all)"),
+        ("distill_weight", "with --teacher: share of the loss given to the teacher's soft targets"),
+        ("distill_temperature", "with --teacher: temperature softening teacher and student"),
         ("seed", "seed for data order, augmentation and init"),
         ("limit_train", "use only this many training images (0 = all)"),
         ("limit_test", "evaluate on this many test images (0 = all)"),
@@ -220,6 +267,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="",
         help="adapt the classifier to this pre-trained purifier: part of each batch becomes"
         " g(t(x)) with fresh RT draws (the purifier stays frozen)",
+    )
+    p.add_argument(
+        "--teacher",
+        default="",
+        help="distil this trained classifier (e.g. the standard ensemble): its prediction on the"
+        " clean image becomes a soft target, also for the purified copy",
     )
     p.add_argument(
         "--arch",
