@@ -18,7 +18,7 @@ import torch
 from model_store import sha256_file
 from training import common
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.classifier import ClassifierConfig, build_classifier, load_classifier
+from training.classifier import ClassifierConfig, build_classifier
 from training.data import load_split
 
 log = logging.getLogger("atop.train.ensemble")
@@ -28,13 +28,16 @@ def combine(members: list[str], *, flip_tta: bool = False) -> tuple[torch.nn.Mod
     """The combined classifier (eval mode) and its provenance, from member checkpoint paths."""
     if not members:
         raise ValueError("an ensemble needs at least one --member checkpoint")
-    nets, sources = [], []
+    cfgs, states, sources = [], [], []
     for path in members:
         ck = load_checkpoint(path)
-        net = load_classifier(ck)
-        if net.cfg.arch == "ensemble" or net.cfg.flip_tta:
+        if ck.config.get("kind") != "classifier":
+            raise ValueError(f"{path}: not a classifier checkpoint (kind={ck.config.get('kind')!r})")
+        member = ClassifierConfig.from_dict(ck.config["model"])
+        if member.arch == "ensemble" or member.flip_tta:
             raise ValueError(f"{path}: members must be plain networks (no nested ensemble or flip_tta)")
-        nets.append(net)
+        cfgs.append(member)
+        states.append(ck.state_dict("classifier"))
         sources.append(
             {
                 "path": str(path),
@@ -48,13 +51,13 @@ def combine(members: list[str], *, flip_tta: bool = False) -> tuple[torch.nn.Mod
     cfg = ClassifierConfig(
         arch="ensemble",
         flip_tta=flip_tta,
-        members=tuple(n.cfg for n in nets),
-        num_classes=nets[0].cfg.num_classes,
+        members=tuple(cfgs),
+        num_classes=cfgs[0].num_classes,
     )
-    model = build_classifier(cfg)
+    model = build_classifier(cfg)  # the members' networks are built once, here
     ens = model.net if flip_tta else model
-    for member, net in zip(ens.members, nets, strict=True):
-        member.load_state_dict(net.state_dict())
+    for net, state in zip(ens.members, states, strict=True):
+        net.load_state_dict(state)
     return model.eval(), {"members": sources, "flip_tta": flip_tta, "seed": sources[0]["train"].get("seed")}
 
 
