@@ -8,7 +8,8 @@
 # fast net ~25 min (90 s/epoch), purifier ~30-45 min (1.6 s/step sharing the cores), adapting
 # the two networks to the purifier ~25 min (~100 and ~120 s per epoch), fine-tune
 # ~40 min (3 s/step) and ~27 min more for the second round (2 s/step), each evaluation ~17 min
-# (2 threads).
+# (2 threads). The f_q stages: ~26 min for the two adaptations side by side on one thread each,
+# finetune-q ~11 min (3.2 s/step), its two checks ~35 min side by side on one thread each.
 # Run one 2-thread job at a time, or 1-thread jobs side by side: a 2-thread job beside a
 # 1-thread one on 2 cores ran 7x slower here (21 s per fine-tune step instead of 3).
 set -euo pipefail
@@ -63,10 +64,31 @@ stage finetune-2 atop train finetune --data "$DATA" --epochs 2 --adv pgd --adv-s
 # A quick PGD-EOT check of AP (pre-trained purifier) and AToP (fine-tuned), same attack: 50 steps
 # of 2/255 (20 steps of 1/255 left the bare adapted f at 8.6%, failing the sanity check), EOT 8.
 # The reported table comes from recipes/eval_full.sh (the full protocol, hours per row).
-for model in purifier finetune-2; do
-  out="$RUNS/eval-$model"
-  [ -f "$out.json" ] && { echo "[eval-$model] done, skipping"; continue; }
-  atop eval --data "$DATA" --classifier "$CLF" \
-    --purifier "$RUNS/$model/final.safetensors" --n 256 --attacks pgd --eps 8/255 --steps 50 --alpha 2/255 --eot 8 \
+check() {  # check NAME CLASSIFIER PURIFIER_STAGE : writes RUNS/NAME.{json,md} unless present
+  local out="$RUNS/$1"
+  if [ -f "$out.json" ]; then echo "[$1] done, skipping"; return; fi
+  atop eval --data "$DATA" --classifier "$2" \
+    --purifier "$RUNS/$3/final.safetensors" --n 256 --attacks pgd --eps 8/255 --steps 50 --alpha 2/255 --eot 8 \
     --samples 8 --convergence-n 16 --threads "$THREADS" --out "$out"
-done
+}
+check eval-purifier "$CLF" purifier
+check eval-finetune-2 "$CLF" finetune-2
+
+# f_q: the same adaptation with a quarter of each batch purified instead of a half (6 and 5
+# epochs): 90.17% bare and 83.12% through RT2 + the pre-trained purifier, so one classifier that
+# meets both classifier bars; the half-purified f above gives the shipped pipeline 0.8 points more
+# clean accuracy and stays deployed. finetune-q: one AToP epoch on 25,000 training images from
+# finetune-2's purifier against f_q, frozen; then AP and AToP under the same attack as above.
+stage classifier-warm-q atop train classifier --data "$DATA" --epochs 6 --batch-size 128 --lr 0.02 --warmup 0.1 \
+  --init "$RUNS/classifier-warm/final.safetensors" --purifier "$PUR" --purified-fraction 0.25
+stage classifier-fast-q atop train classifier --data "$DATA" --arch fast --width 48 --depth 1 --epochs 5 \
+  --batch-size 256 --lr 0.04 --warmup 0.1 --label-smoothing 0.2 \
+  --init "$RUNS/classifier-fast/final.safetensors" --purifier "$PUR" --purified-fraction 0.25
+stage classifier-ens-q atop train ensemble --data "$DATA" --flip-tta \
+  --member "$RUNS/classifier-warm-q/final.safetensors" --member "$RUNS/classifier-fast-q/final.safetensors"
+CLFQ="$RUNS/classifier-ens-q/final.safetensors"
+stage finetune-q atop train finetune --data "$DATA" --epochs 1 --limit-train 25000 --adv pgd --adv-steps 3 \
+  --adv-eot 1 --lam 2.0 --lr 3e-4 --clean-fraction 0.75 --noise-std 0.0625 --eval-images 2000 \
+  --classifier "$CLFQ" --purifier "$RUNS/finetune-2/final.safetensors"
+check eval-q-purifier "$CLFQ" purifier
+check eval-q-finetune-q "$CLFQ" finetune-q
