@@ -9,7 +9,8 @@
 # the two networks to the purifier ~25 min (~100 and ~120 s per epoch), fine-tune
 # ~40 min (3 s/step) and ~27 min more for the second round (2 s/step), each evaluation ~17 min
 # (2 threads). The f_q stages: ~26 min for the two adaptations side by side on one thread each,
-# finetune-q ~11 min (3.2 s/step), its two checks ~35 min side by side on one thread each.
+# finetune-q ~11 min (3.2 s/step), its two checks ~50 min side by side on one thread each (~10 s
+# per attacked image, then the convergence check).
 # Run one 2-thread job at a time, or 1-thread jobs side by side: a 2-thread job beside a
 # 1-thread one on 2 cores ran 7x slower here (21 s per fine-tune step instead of 3).
 set -euo pipefail
