@@ -204,8 +204,13 @@ def load_classifier(src) -> nn.Module:
     from training.checkpoint import Checkpoint, load_checkpoint
 
     ck = src if isinstance(src, Checkpoint) else load_checkpoint(src)
-    if ck.config.get("kind") != "classifier":
-        raise ValueError(f"{ck.path}: not a classifier checkpoint (kind={ck.config.get('kind')!r})")
-    model = build_classifier(ClassifierConfig.from_dict(ck.config["model"]))
+    model = build_classifier(classifier_config(ck))
     model.load_state_dict(ck.state_dict("classifier"))
     return model.eval()
+
+
+def classifier_config(ck) -> ClassifierConfig:
+    """The model config of a checkpoint written by ``atop train classifier`` (or ensemble)."""
+    if ck.config.get("kind") != "classifier":
+        raise ValueError(f"{ck.path}: not a classifier checkpoint (kind={ck.config.get('kind')!r})")
+    return ClassifierConfig.from_dict(ck.config["model"])

@@ -18,7 +18,7 @@ import torch
 from model_store import sha256_file
 from training import common
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.classifier import ClassifierConfig, build_classifier
+from training.classifier import ClassifierConfig, build_classifier, classifier_config
 from training.data import load_split
 
 log = logging.getLogger("atop.train.ensemble")
@@ -31,9 +31,7 @@ def combine(members: list[str], *, flip_tta: bool = False) -> tuple[torch.nn.Mod
     cfgs, states, sources = [], [], []
     for path in members:
         ck = load_checkpoint(path)
-        if ck.config.get("kind") != "classifier":
-            raise ValueError(f"{path}: not a classifier checkpoint (kind={ck.config.get('kind')!r})")
-        member = ClassifierConfig.from_dict(ck.config["model"])
+        member = classifier_config(ck)
         if member.arch == "ensemble" or member.flip_tta:
             raise ValueError(f"{path}: members must be plain networks (no nested ensemble or flip_tta)")
         cfgs.append(member)
