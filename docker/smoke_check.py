@@ -255,9 +255,9 @@ def wait_version(a: argparse.Namespace) -> None:
         check(seen == {a.version}, f"answers through the gateway name version {a.version}", seen)
 
 
-DRAIN_SAMPLES = 1  # 4 clients x 64 images x 1 sample = 256 rows: ~1 s here on the real model at
-# one ORT thread, and well inside the 10 s deadline on a slower CI host (4 samples, 1,024 rows, took
-# 10.6 s there and the last request got a 504; 16 samples overran it here)
+DRAIN_SAMPLES = 1  # 4 clients x 64 images x 1 sample = 256 rows: the replica stopped in 3.4 s here
+# (real model, one ORT thread), well inside the 10 s deadline even on a slower CI host, where 4
+# samples (1,024 rows) took 10.6 s and the last request got a 504; 16 samples overran it here too
 
 
 def drain(a: argparse.Namespace) -> None:
