@@ -195,7 +195,7 @@ def client_main(args: argparse.Namespace) -> None:
         os.sched_setaffinity(0, [int(x) for x in args.cpus.split(",")])
     host, port = args.url.removeprefix("http://").split(":")
     blobs = [p.read_bytes() for p in sorted(Path(args.images).glob("*.png"))]
-    query = f"?samples={args.samples}" if args.samples != 1 else ""
+    query = f"?samples={args.samples}"  # always explicit: a version may default to more draws
     head = f"POST /classify{query} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/png\r\n"
     requests = [(head + f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in blobs]
     c = args.concurrency

@@ -131,6 +131,12 @@ class Evaluation(_Open):
     robust: list[RobustResult] = []
 
 
+class Serving(_Closed):
+    """How the service answers with this version when a request leaves the option out."""
+
+    samples: int = Field(1, ge=1, le=256)  # RT draws averaged per answer (softmax mean)
+
+
 class Manifest(_Closed):
     schema_: Literal[MANIFEST_SCHEMA] = Field(alias="schema")
     name: str = Field(pattern=NAME_PATTERN)
@@ -143,6 +149,7 @@ class Manifest(_Closed):
     files: dict[str, FileEntry] = Field(min_length=1)
     provenance: Provenance
     evaluation: Evaluation
+    serving: Serving | None = None  # absent = the service's own defaults (samples 1)
     manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
     @field_validator("created")

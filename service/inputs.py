@@ -43,7 +43,11 @@ class ClassifyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     top_k: int = Field(1, ge=1, description="how many classes to return per image, best first")
-    samples: int = Field(1, ge=1, description="EOT draws of the random transform to average over")
+    samples: int | None = Field(
+        None,
+        ge=1,
+        description="RT draws averaged per answer (default: the model version's serving.samples, else 1)",
+    )
     seed: int | None = Field(
         None, ge=0, lt=2**63, description="seed the random transform: same image + seed = same answer"
     )

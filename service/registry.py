@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from model_store import store
@@ -80,6 +80,18 @@ class Registry:
         except store.StoreError as e:
             raise Refused(f"verify failed: {e}") from e
         facts = manifest_facts(manifest)
+        if facts.samples > self.settings.max_samples:
+            log.warning(
+                "%s v%d: serving.samples=%d exceeds this server's max_samples=%d; requests without "
+                "`samples` get %d draws, not the %d its evaluation assumed",
+                mv.name,
+                mv.version,
+                facts.samples,
+                self.settings.max_samples,
+                self.settings.max_samples,
+                facts.samples,
+            )
+            facts = replace(facts, samples=self.settings.max_samples)
         try:
             backend = self.loader(mv.path, manifest, self.settings)
         except BackendError as e:
@@ -136,11 +148,13 @@ class Registry:
         self.metrics.set_active(mv.version)
         self.metrics.reloads.labels("swapped").inc()
         log.info(
-            "serving %s v%d (%s on %s, ready in %.2fs)%s",
+            "serving %s v%d (%s on %s, %d draw%s per answer by default, ready in %.2fs)%s",
             mv.name,
             mv.version,
             backend.name,
             backend.device,
+            facts.samples,
+            "" if facts.samples == 1 else "s",
             time.perf_counter() - t0,
             f"; retiring v{old.version}" if old else "",
         )

@@ -50,7 +50,9 @@ class Timing(BaseModel):
 class ClassifyResponse(BaseModel):
     request_id: str
     model: ModelRef
-    samples: int = Field(description="EOT draws averaged per image")
+    samples: int = Field(
+        description="RT draws averaged per image: the request's `samples`, else the version's default"
+    )
     seed: int | None
     results: list[ImageResult]
     timing: Timing

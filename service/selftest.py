@@ -24,6 +24,7 @@ class Facts:
     classes: tuple[str, ...]
     image_size: int
     spec: dict
+    samples: int = 1  # the manifest's serving.samples: draws per answer when a request says nothing
 
 
 def manifest_facts(manifest: dict) -> Facts:
@@ -35,7 +36,8 @@ def manifest_facts(manifest: dict) -> Facts:
         raise Refused(f"manifest.json: input range [{lo}, {hi}] is not [0, 1]")
     if not all(manifest["classes"]):
         raise Refused("manifest.json: empty class name in 'classes'")
-    return Facts(tuple(manifest["classes"]), int(manifest["rt"]["image_size"]), dict(manifest["rt"]))
+    samples = int((manifest.get("serving") or {}).get("samples", 1))
+    return Facts(tuple(manifest["classes"]), int(manifest["rt"]["image_size"]), dict(manifest["rt"]), samples)
 
 
 def robustness_regressions(candidate: dict, active: dict, tolerance: float) -> list[str]:

@@ -38,7 +38,12 @@ def export_tiny(root: Path, work: Path, *, kind: str = "rt2", seed: int = 0) -> 
 
 
 def republish(
-    root: Path, src: ModelVersion, *, evaluation: dict | None = None, only_onnx: bool = False
+    root: Path,
+    src: ModelVersion,
+    *,
+    evaluation: dict | None = None,
+    only_onnx: bool = False,
+    serving: dict | None = None,
 ) -> ModelVersion:
     """The files of ``src`` published again as the next version in ``root`` (cheap)."""
     draft = dict(src.manifest)  # publish fills schema, name, version, created, files, digest
@@ -48,6 +53,8 @@ def republish(
         draft["graph"] = {k: v for k, v in draft["graph"].items() if k != "torchscript"}
     if evaluation is not None:
         draft["evaluation"] = evaluation
+    if serving is not None:
+        draft["serving"] = serving
     return model_store.publish(root, MODEL, files, draft)
 
 

@@ -200,9 +200,18 @@ def test_store_version_is_attacked_and_recorded(trained, tmp_path):
     res = run(EvalConfig(**{**cfg.__dict__, "n": 8, "clean_n": 8, "samples": 2, "record": True}))
     assert res["target"]["source"]["version"] == 1 and res["recorded_as"]["version"] == 2
     v1, v2 = verify(store / "tiny" / "1"), verify(store / "tiny" / "2")
-    assert v1["files"] == v2["files"] and v1["evaluation"] == {}
+    assert v1["files"] == v2["files"] and v1["evaluation"] == {} and v2["serving"] == {"samples": 1}
+    answer = v2["evaluation"]["clean_accuracy_answer"]
+    assert answer["samples"] == 2 and answer["n_images"] == 8 and 0 <= answer["accuracy"] <= 1
     assert v2["evaluation"]["robust"][0]["attack"] == "pgd-eot" and "sanity" in v2["evaluation"]
     assert v2["provenance"]["derived_from"]["version"] == 1
+    served = dict(cfg.__dict__, n=4, clean_n=4, samples=3, sanity=False, record=True, serve_samples=True)
+    res = run(EvalConfig(**served))
+    v3 = verify(store / "tiny" / "3")
+    assert v3["serving"] == {"samples": 3} and v3["evaluation"]["scoring"]["samples"] == 3
+    assert "serving.samples set to 3" in v3["provenance"]["derived_from"]["change"]
+    with pytest.raises(ValueError, match="needs --record"):
+        run(EvalConfig(**{**served, "record": False}))
     with pytest.raises(ValueError, match="store version"):
         run(EvalConfig(data=str(data), classifier=str(clf), n=4, clean_n=4, record=True, sanity=False))
 

@@ -138,15 +138,16 @@ def test_published_version_verifies_and_describes_the_graph(exported):
         assert recipe["purifier"]["config"]["rt"]["kind"] == kind and recipe["classifier"]["step"] == 10
         assert m["provenance"]["seeds"]["classifier"] == 1 and m["provenance"]["seeds"]["purifier"] == 2
     rt2 = exported["rt2"][0].manifest
-    assert rt2["evaluation"]["clean_accuracy"] == 0.5
+    assert rt2["evaluation"]["clean_accuracy"] == 0.5 and rt2["serving"] == {"samples": 1}
     assert rt2["provenance"]["data"]["checksum"].startswith("sha256:")
     assert "train.tar.gz" in rt2["provenance"]["data"]["files"]
     assert exported["rt3"][0].manifest["provenance"]["data"] is None
 
 
 def test_export_again_makes_a_new_version(exported):
-    cfg = replace(exported["cfg"], rt="rt2", noise_std=0.0, formats=("onnx",))
+    cfg = replace(exported["cfg"], rt="rt2", noise_std=0.0, formats=("onnx",), samples=4)
     mv = export.run(cfg)
+    assert mv.manifest["serving"] == {"samples": 4}
     assert mv.version == 2 and exported["rt3"][0].version == 1
     assert sorted(mv.manifest["files"]) == ["model.onnx"] and "torchscript" not in mv.manifest["graph"]
     assert mv.manifest["rt"]["kind"] == "rt2" and mv.manifest["rt"]["noise_std"] == 0.0

@@ -95,6 +95,23 @@ def test_many_images_multipart_and_json_with_body_options(client):
         assert x["label"] == y["label"] and abs(x["probability"] - y["probability"]) < 1e-5
 
 
+def test_a_request_without_samples_gets_the_versions_default(tmp_path, tiny_version, caplog):
+    from tests.service_fixtures import republish
+
+    root = tmp_path / "store"
+    republish(root, tiny_version, serving={"samples": 3})
+    im = b64(png(seed=4))
+    with TestClient(create_app(make_settings(root))) as c:
+        default = ok(c.post("/classify", json={"image": im, "seed": 8, "top_k": 10}))
+        three = ok(c.post("/classify", json={"image": im, "seed": 8, "top_k": 10, "samples": 3}))
+        one = ok(c.post("/classify", json={"image": im, "seed": 8, "top_k": 10, "samples": 1}))
+    assert default["samples"] == 3 == sum(default["timing"]["batch_rows"]) and one["samples"] == 1
+    assert default["results"] == three["results"] != one["results"]  # the same answer as samples=3
+    with caplog.at_level("WARNING"), TestClient(create_app(make_settings(root, max_samples=2))) as c:
+        assert ok(c.post("/classify", json={"image": im}))["samples"] == 2  # capped by the server
+    assert "serving.samples=3 exceeds this server's max_samples=2" in caplog.text
+
+
 def test_probabilities_and_request_id(client):
     r = client.post(
         "/classify?top_k=10", content=png(), headers={"content-type": "image/png", "x-request-id": "abc-123"}

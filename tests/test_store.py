@@ -187,6 +187,8 @@ def test_unknown_schema_and_invalid_manifests_are_refused(root, model_files):
         (lambda m: m.update(created="yesterday"), "created"),
         (lambda m: m["evaluation"]["robust"][0].update(accuracy=1.5), "evaluation.robust.0.accuracy"),
         (lambda m: m["files"].update({"../x": m["files"]["model.pt"]}), "not a plain file name"),
+        (lambda m: m.update(serving={"samples": 0}), "serving.samples"),
+        (lambda m: m.update(serving={"samples": 2, "vote": True}), "serving.vote: Extra inputs"),
     ]:
         m = copy.deepcopy(mv.manifest)
         change(m)

@@ -9,7 +9,9 @@ not touch the evaluated version. It publishes a NEW version of the same model wi
 * the same manifest otherwise (RT spec, graph, parity, provenance), plus
   ``provenance.derived_from`` = {version, manifest_sha256, change} naming the evaluated version,
 * ``evaluation`` = the new measurements merged over the old ones (entries of another protocol
-  are kept; an entry with the same attack, norm, ε, steps and EOT is replaced).
+  are kept; an entry with the same attack, norm, ε, steps and EOT is replaced),
+* with ``--serve-samples``, ``serving.samples`` = the evaluation's ``--samples``: requests that do
+  not set the option then get the very answer rule whose clean and robust figures are recorded.
 
 The service then sees a new newest version whose weights are identical and whose manifest shows
 the numbers at ``/v1/models``; a hot swap to it changes nothing but the metadata.
@@ -29,6 +31,7 @@ KEYS = (
     "clean_accuracy",
     "n_images",
     "clean_protocol",
+    "clean_accuracy_answer",
     "clean_accuracy_subset",
     "robust",
     "worst_case",
@@ -57,8 +60,10 @@ def evaluation_block(result: dict, previous: dict | None = None) -> dict:
     return block
 
 
-def record(result: dict) -> ModelVersion:
-    """Publish the evaluated store version again, with ``result`` as its evaluation."""
+def record(result: dict, serving_samples: int | None = None) -> ModelVersion:
+    """Publish the evaluated store version again, with ``result`` as its evaluation and, when
+    ``serving_samples`` is given, ``serving.samples`` set to it (it must be the evaluation's
+    vote k, so that the recorded answer figures describe what a request gets by default)."""
     src = result["target"]["source"]
     if "store" not in src:
         raise ValueError(
@@ -71,11 +76,20 @@ def record(result: dict) -> ModelVersion:
         raise ValueError(f"{mv.path / src['file']}: differs from the file that was evaluated; not recording")
     draft = dict(manifest)  # publish fills schema, name, version, created, files and the digest
     draft["evaluation"] = evaluation_block(result, manifest.get("evaluation"))
+    change = "evaluation recorded by atop eval"
+    if serving_samples is not None:
+        if serving_samples != result["scoring"]["samples"]:
+            raise ValueError(
+                f"serving.samples={serving_samples} but the vote figures were measured with "
+                f"samples={result['scoring']['samples']}"
+            )
+        draft["serving"] = {"samples": serving_samples}
+        change += f"; serving.samples set to {serving_samples}"
     draft["provenance"] = manifest["provenance"] | {
         "derived_from": {
             "version": mv.version,
             "manifest_sha256": manifest["manifest_sha256"],
-            "change": "evaluation recorded by atop eval; model files identical (same sha256)",
+            "change": f"{change}; model files identical (same sha256)",
         }
     }
     new = publish(Path(src["store"]), mv.name, {f: mv.path / f for f in manifest["files"]}, draft)

@@ -18,6 +18,13 @@ def eps_text(norm: str, eps: float) -> str:
     return f"{eps:.3g} px" if norm == "flow" else f"{eps:.3g}"
 
 
+def answer_text(answer: dict | None) -> str:
+    """The clean accuracy of the vote answer (samples > 1), for the clean-accuracy line."""
+    if not answer or answer["samples"] == 1:
+        return ""
+    return f", {pct(answer['accuracy'])} answering with samples={answer['samples']} (softmax mean)"
+
+
 def markdown(result: dict) -> str:
     t, p, s = result["target"], result["protocol"], result["sanity"]
     sub = result["clean_accuracy_subset"]
@@ -30,8 +37,8 @@ def markdown(result: dict) -> str:
         f"* Source: {', '.join(f'{k}=`{v}`' for k, v in t['source'].items())}; randomized: {'yes' if t['randomized'] else 'no'}"
         + (f"; RT {t['rt']}" if t["rt"] else ""),
         f"* Clean accuracy: {pct(result['clean_accuracy'])} on {result['n_images']} test images "
-        f"(one fresh draw each); on the attacked subset ({sub['n_images']} images, seed "
-        f"{p['subset_seed']}): {pct(sub['vote'])} by vote.",
+        f"(one fresh draw each){answer_text(result.get('clean_accuracy_answer'))}; on the attacked "
+        f"subset ({sub['n_images']} images, seed {p['subset_seed']}): {pct(sub['vote'])} by vote.",
         f"* Protocol: `{p['preset']}`. Attacks of one threat model cascade in the order listed (each "
         "sees only the images still robust); 'alone' rows attack every clean-correct image.",
         f"* Scoring (headline = vote): vote: {result['scoring']['vote']}; single: "

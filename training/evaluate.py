@@ -72,6 +72,7 @@ class EvalConfig:
     zero_tol: float = 0.05  # "~0%" in the sanity checks
     force: bool = False  # allow EOT 1 on a randomized model
     record: bool = False
+    serve_samples: bool = False  # with record: the new version answers with `samples` draws by default
 
 
 def build_target(cfg: EvalConfig) -> Target:
@@ -127,8 +128,10 @@ def run(cfg: EvalConfig) -> dict:
         paths[".md"].write_text(markdown(merged))
         paths[".svg"].write_text(svg_plot(merged))
         log.info("wrote %s, .md, .svg", paths[".json"])
+    if cfg.serve_samples and not cfg.record:
+        raise ValueError("--serve-samples sets the recorded version's default; it needs --record")
     if cfg.record:
-        mv = record(result)
+        mv = record(result, serving_samples=cfg.samples if cfg.serve_samples else None)
         result["recorded_as"] = {"model": mv.name, "version": mv.version, "path": str(mv.path)}
     return result
 
@@ -210,6 +213,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--zero-tol", type=float, default=d.zero_tol, help="what counts as ~0%% in the sanity checks")
     a("--force", action="store_true", help="allow gradient attacks with EOT 1 on a randomized model")
     a("--record", action="store_true", help="publish the store version again with these numbers")
+    a(
+        "--serve-samples",
+        action="store_true",
+        help="with --record: the new version's manifest sets serving.samples = --samples, so a request "
+        "without the option gets the answer whose accuracy the vote figures measured",
+    )
     a("--strict", action="store_true", help="exit 3 if a sanity check fails")
     a("--estimate", action="store_true", help="measure per-image costs, print the protocol's wall time, exit")
     a("--device", default=d.device, help="cpu (default) or cuda: where the models and images live")

@@ -58,6 +58,7 @@ class ExportConfig:
     formats: tuple[str, ...] = FORMATS
     data: str | None = None  # recorded in provenance with its checksum
     evaluation: str | None = None  # JSON file of measured numbers for the manifest
+    samples: int = 1  # serving.samples: RT draws averaged per answer when a request does not say
     classes: tuple[str, ...] | None = None  # default: CIFAR-10's names when there are 10
     opset: int = 18
     parity_seed: int = 0
@@ -208,7 +209,17 @@ def check_parity(pipeline: DefendedPipeline, files: dict[str, Path], seed: int, 
 def run(cfg: ExportConfig) -> ModelVersion:
     if "onnx" not in cfg.formats or not set(cfg.formats) <= set(FORMATS):
         raise ValueError(f"--formats must include onnx (the serving format) and be among {FORMATS}")
+    if cfg.samples < 1:
+        raise ValueError(f"--samples {cfg.samples}: must be at least 1")
     evaluation = load_evaluation(cfg.evaluation)
+    measured = (evaluation.get("scoring") or {}).get("samples")
+    if measured is not None and measured != cfg.samples:
+        log.warning(
+            "--evaluation's vote figures were measured with samples=%d, but the version will answer "
+            "with %d by default (--samples)",
+            measured,
+            cfg.samples,
+        )
     purifier, spec = load_purifier(cfg.purifier)
     overrides = {k: v for k, v in (("kind", cfg.rt), ("noise_std", cfg.noise_std)) if v is not None}
     spec = dataclasses.replace(spec, **overrides)
@@ -240,6 +251,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated: onnx[,torchscript]")
     p.add_argument("--data", help="training data set, recorded in provenance with its checksum")
     p.add_argument("--evaluation", help="JSON file of measured accuracy for the manifest")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=ExportConfig.samples,
+        help="serving.samples: RT draws the service averages per answer when a request does not "
+        "set `samples` (default 1; evaluate with `atop eval --samples` the same)",
+    )
     p.add_argument("--classes", help="comma-separated class names (default: CIFAR-10's)")
     p.add_argument("--opset", type=int, default=ExportConfig.opset, help="ONNX opset (>= 17)")
     p.add_argument("--parity-seed", type=int, default=ExportConfig.parity_seed)

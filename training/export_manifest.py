@@ -129,4 +129,5 @@ def build_manifest(
             "seeds": seeds | {"parity": cfg.parity_seed},
         },
         "evaluation": evaluation,
+        "serving": {"samples": cfg.samples},
     }

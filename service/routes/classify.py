@@ -34,7 +34,7 @@ _BODY_DOC = {
 
 
 def _check_caps(opts: ClassifyOptions, settings) -> None:
-    if opts.samples > settings.max_samples:
+    if opts.samples is not None and opts.samples > settings.max_samples:
         raise ApiError(
             422,
             "invalid_options",
@@ -46,10 +46,10 @@ def _check_caps(opts: ClassifyOptions, settings) -> None:
         )
 
 
-def _prepare(blobs, slot, opts, max_pixels):
+def _prepare(blobs, slot, samples, seed, max_pixels):
     """Decode and sample the randomness: CPU work, run in the threadpool."""
     images = decode_many(blobs, size=slot.facts.image_size, max_pixels=max_pixels)
-    return len(images), make_rows(images, slot.facts.spec, opts.samples, opts.seed)
+    return len(images), make_rows(images, slot.facts.spec, samples, seed)
 
 
 @router.post(
@@ -63,8 +63,9 @@ def _prepare(blobs, slot, opts, max_pixels):
 async def classify(
     request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
 ) -> ClassifyResponse:
-    """Options (query string or body): ``top_k``, ``samples`` (EOT draws averaged, capped by the
-    server), ``seed`` (reproducible randomness), ``deadline_ms`` (shorter than the server's)."""
+    """Options (query string or body): ``top_k``, ``samples`` (RT draws averaged, capped by the
+    server; default: the model version's ``serving.samples``), ``seed`` (reproducible randomness),
+    ``deadline_ms`` (shorter than the server's)."""
     t0 = time.perf_counter()
     blobs, body_options = await parse_request(
         request, max_body=settings.max_body_bytes, max_images=settings.max_images
@@ -73,8 +74,12 @@ async def classify(
     _check_caps(opts, settings)
     deadline_ms = min(settings.deadline_ms, opts.deadline_ms or settings.deadline_ms)
     slot = registry.acquire()  # NotReady -> 503 (service.errors)
+    # a request without `samples` gets the version's default (its manifest's serving.samples)
+    samples = opts.samples if opts.samples is not None else slot.facts.samples
     try:  # the request finishes on the version it started with, even across a swap
-        n, (rows, noise, masks) = await run_in_threadpool(_prepare, blobs, slot, opts, settings.max_pixels)
+        n, (rows, noise, masks) = await run_in_threadpool(
+            _prepare, blobs, slot, samples, opts.seed, settings.max_pixels
+        )
         remaining = deadline_ms / 1000.0 - (time.perf_counter() - t0)
         if remaining <= 0:
             raise DeadlineExceeded()
@@ -92,7 +97,7 @@ async def classify(
     finally:
         registry.release(slot)
     results = summarize(
-        job.logits, job.raw, n=n, samples=opts.samples, classes=slot.facts.classes, top_k=opts.top_k
+        job.logits, job.raw, n=n, samples=samples, classes=slot.facts.classes, top_k=opts.top_k
     )
     metrics.images.inc(n)
     flagged = sum(1 for r in results if r.suspicion is not None and r.suspicion.suspicious)
@@ -103,7 +108,7 @@ async def classify(
     return ClassifyResponse(
         request_id=current_request_id() or "",
         model=ModelRef(name=slot.name, version=slot.version),
-        samples=opts.samples,
+        samples=samples,
         seed=opts.seed,
         results=results,
         timing=Timing(
