@@ -547,7 +547,7 @@ def make_model_main(args: argparse.Namespace) -> None:
 
     from training import export
     from training.checkpoint import save_pipeline_checkpoints
-    from training.classifier import ClassifierConfig, build_classifier
+    from training.classifier import ClassifierConfig, build_classifier, randomize_batchnorm
     from training.data import CIFAR10_CLASSES
     from training.purifier import PurifierConfig, UNetPurifier
     from training.transforms import RTSpec
@@ -561,10 +561,7 @@ def make_model_main(args: argparse.Namespace) -> None:
         clf_cfg = ClassifierConfig(depth=1, width=4)
     pur_cfg = PurifierConfig() if real else PurifierConfig(width=4)
     clf, pur = build_classifier(clf_cfg).eval(), UNetPurifier(pur_cfg).eval()
-    for m in clf.modules():  # untrained BatchNorm is the identity; give it statistics
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
+    randomize_batchnorm(clf, torch.Generator().manual_seed(args.seed))
     spec = RTSpec(kind="rt2", noise_std=0.0625)  # the CPU recipe's deployed transform
     train = {"seed": args.seed, "note": "random weights, for bench/load.py timings only"}
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,18 +8,9 @@ from pathlib import Path
 import torch
 
 from training.checkpoint import save_pipeline_checkpoints
-from training.classifier import ClassifierConfig, build_classifier
+from training.classifier import ClassifierConfig, build_classifier, randomize_batchnorm
 from training.purifier import PurifierConfig, UNetPurifier
 from training.transforms import RTSpec
-
-
-def _randomize_bn(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """Untrained BatchNorm is the identity; give it statistics so parity means something."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
 
 
 def make_checkpoints(
@@ -35,7 +26,7 @@ def make_checkpoints(
     else:
         clf_cfg = ClassifierConfig(depth=1, width=4, num_classes=num_classes, arch=arch)
     clf = build_classifier(clf_cfg).eval()
-    _randomize_bn(clf, gen)
+    randomize_batchnorm(clf, gen)
     pur = UNetPurifier(PurifierConfig(width=4)).eval()
     # The residual head starts at zero: an untrained RT3 pipeline would then ignore its input.
     torch.nn.init.normal_(pur.head.weight, std=0.1, generator=gen)
