@@ -124,7 +124,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
         "",
         "† measured in a cascade: only on the images the attacks listed for that row left robust, "
         "so the figure is the worst case over them too. Robust figures are the vote of the row's draws "
-        "(the service with samples=k); '1 draw' is what a client with the default samples=1 gets, in "
+        "(the service with samples=k); '1 draw' is what a client asking for samples=1 gets, in "
         "expectation. Cost: wall time of one answer (all its draws) per image, on the row's threads.",
         "",
         "### Protocol",
