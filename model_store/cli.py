@@ -69,21 +69,30 @@ def _out(line: str) -> None:
     sys.stdout.write(line + "\n")
 
 
+def _clean(ev: dict, samples: int) -> str:
+    """Clean accuracy of the default answer (``samples`` draws), the one-draw figure beside it."""
+    one = ev.get("clean_accuracy")
+    answer = ev.get("clean_accuracy_answer") or {}
+    if samples > 1 and answer.get("samples") == samples:
+        return f"{answer['accuracy']:.1%}" + ("" if one is None else f" ({one:.1%} at 1)")
+    if one is None:
+        return "-"
+    return f"{one:.1%}" + ("" if samples == 1 else " (at 1)")
+
+
 def _list(root: Path, name: str | None) -> int:
-    rows = [("NAME", "VERSION", "CREATED", "FORMATS", "CLEAN", "ROBUST", "STATUS")]
+    rows = [("NAME", "VERSION", "CREATED", "FORMATS", "SAMPLES", "CLEAN", "ROBUST", "STATUS")]
     for n, v, path in version_dirs(root, name):
         try:
             m = load_manifest(path)
         except StoreError as e:
-            rows.append((n, str(v), "-", "-", "-", "-", f"INVALID: {e}"))
+            rows.append((n, str(v), "-", "-", "-", "-", "-", f"INVALID: {e}"))
             continue
         ev = m.get("evaluation", {})
-        clean = ev.get("clean_accuracy")
+        samples = (m.get("serving") or {}).get("samples", 1)
         robust = ", ".join(f"{r['attack']}@{r['eps']:.4g}={r['accuracy']:.1%}" for r in ev.get("robust", []))
         fmts = ",".join(k for k in ("onnx", "torchscript") if m["graph"].get(k))
-        rows.append(
-            (n, str(v), m["created"], fmts, "-" if clean is None else f"{clean:.1%}", robust or "-", "ok")
-        )
+        rows.append((n, str(v), m["created"], fmts, str(samples), _clean(ev, samples), robust or "-", "ok"))
     if len(rows) == 1:
         _out(f"no model versions in {root}")
         return 0

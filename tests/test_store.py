@@ -334,6 +334,14 @@ def test_cli_list_show_verify_publish(root, model_files, tmp_path, capsys, caplo
     assert atop(["store", "--store", str(root), "list"]) == 0
     out = capsys.readouterr().out
     assert "cli-model" in out and "87.5%" in out and "onnx,torchscript" in out
+    served = draft() | {"name": "cli-model", "serving": {"samples": 2}}
+    served["evaluation"]["clean_accuracy_answer"] = {"accuracy": 0.88, "samples": 2, "n_images": 100}
+    (folder / "manifest.json").write_text(json.dumps(served))
+    assert atop(["store", "--store", str(root), "publish", str(folder)]) == 0
+    capsys.readouterr()
+    assert atop(["store", "--store", str(root), "list", "cli-model"]) == 0
+    row2 = capsys.readouterr().out.splitlines()[-1].split()
+    assert row2[:2] == ["cli-model", "2"] and row2[4:8] == ["2", "88.0%", "(87.5%", "at"]
     _flip(root / "cli-model" / "1" / "model.onnx", 100)
     with caplog.at_level(logging.ERROR):
         assert atop(["store", "--store", str(root), "verify", "cli-model", "1"]) == 1
