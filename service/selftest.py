@@ -44,14 +44,21 @@ def robustness_regressions(candidate: dict, active: dict, tolerance: float) -> l
     """Measured robust accuracies of ``candidate`` more than ``tolerance`` below ``active``'s.
 
     Entries of ``evaluation.robust`` are compared only when both manifests measured the same
-    attack, norm and eps (a different protocol is no evidence either way).
+    attack, norm and eps (a different protocol is no evidence either way). The headline
+    ``accuracy`` is the vote of ``evaluation.scoring.samples`` draws; when the two votes are of
+    different sizes, the single-draw figures (which do not depend on it) are compared instead,
+    and nothing if either lacks one.
     """
 
     def table(m: dict) -> dict:
+        ev = m.get("evaluation") or {}
+        k = (ev.get("scoring") or {}).get("samples")
         out = {}
-        for r in (m.get("evaluation") or {}).get("robust") or []:
+        for r in ev.get("robust") or []:
             try:
-                out[(r["attack"], r.get("norm", "Linf"), round(float(r["eps"]), 6))] = float(r["accuracy"])
+                single = r.get("accuracy_single_draw")
+                key = (r["attack"], r.get("norm", "Linf"), round(float(r["eps"]), 6))
+                out[key] = (k, float(r["accuracy"]), None if single is None else float(single))
             except (KeyError, TypeError, ValueError):
                 continue
         return out
@@ -59,9 +66,16 @@ def robustness_regressions(candidate: dict, active: dict, tolerance: float) -> l
     new, old = table(candidate), table(active)
     worse = []
     for key in sorted(new.keys() & old.keys()):
-        if new[key] < old[key] - tolerance:
+        (k_new, acc_new, one_new), (k_old, acc_old, one_old) = new[key], old[key]
+        if k_new == k_old:
+            a, b, rule = acc_new, acc_old, ""
+        elif one_new is not None and one_old is not None:
+            a, b, rule = one_new, one_old, f" (single draw; votes of {k_new} and {k_old} differ)"
+        else:
+            continue
+        if a < b - tolerance:
             attack, norm, eps = key
-            worse.append(f"{attack} {norm} eps={eps:g}: {new[key]:.4f} < {old[key]:.4f}")
+            worse.append(f"{attack} {norm} eps={eps:g}: {a:.4f} < {b:.4f}{rule}")
     return worse
 
 

@@ -21,6 +21,7 @@ from service.app import create_app
 from service.backends import load_backend
 from service.metrics import Metrics
 from service.registry import Registry
+from service.selftest import robustness_regressions
 from service.settings import Settings
 from tests.service_fixtures import REPO, corrupt, metric, png, republish
 from tests.test_service_unit import err, make_settings, ok
@@ -124,6 +125,20 @@ def test_robustness_gate_on_automatic_swaps_only(tmp_path, tiny_version):
         out = ok(c.post("/v1/admin/reload"))
         assert out["result"] == "refused" and "0.4000 < 0.5000" in out["message"]
         assert ok(c.post("/v1/admin/versions/2/activate"))["result"] == "swapped"  # explicit override
+
+
+def test_robustness_gate_compares_like_with_like():
+    def manifest(k: int | None, acc: float, single: float | None = None) -> dict:
+        ev = robust(acc)
+        if single is not None:
+            ev["robust"][0]["accuracy_single_draw"] = single
+        return {"evaluation": ev | ({"scoring": {"samples": k}} if k else {})}
+
+    assert robustness_regressions(manifest(2, 0.3), manifest(2, 0.5), 0.01)  # same vote size
+    assert not robustness_regressions(manifest(2, 0.3), manifest(8, 0.5), 0.01)  # not comparable
+    worse = robustness_regressions(manifest(2, 0.6, 0.30), manifest(8, 0.5, 0.40), 0.01)
+    assert worse == ["apgd-ce Linf eps=0.031373: 0.3000 < 0.4000 (single draw; votes of 2 and 8 differ)"]
+    assert not robustness_regressions(manifest(2, 0.3, 0.45), manifest(8, 0.5, 0.40), 0.01)
 
 
 def test_watcher_picks_up_a_new_version(service_store, tiny_version):
