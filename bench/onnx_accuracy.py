@@ -25,17 +25,9 @@ import numpy as np
 import onnxruntime as ort
 
 from atop import contract
-from model_store import default_store, get_version
+from model_store import clean_figure, default_store, get_version, serving_samples
 from service.predict import make_rows, softmax
 from training.data import load_split
-
-
-def manifest_figure(evaluation: dict, samples: int) -> float | None:
-    """The manifest's clean accuracy for answers of ``samples`` draws, None if not measured."""
-    if samples == 1:
-        return evaluation.get("clean_accuracy")
-    answer = evaluation.get("clean_accuracy_answer") or {}
-    return answer.get("accuracy") if answer.get("samples") == samples else None
 
 
 def main() -> None:
@@ -66,7 +58,7 @@ def main() -> None:
         str(mv.path / mv.manifest["graph"]["onnx"]["file"]), opts, providers=["CPUExecutionProvider"]
     )
     if args.samples is None:
-        args.samples = (mv.manifest.get("serving") or {}).get("samples", 1)
+        args.samples = serving_samples(mv.manifest)
     test = load_split(args.data, "test").subset(args.n, seed=args.seed)
     x_all = test.images.numpy().astype(np.float32) / 255.0
     y_all = test.labels.numpy()
@@ -96,7 +88,7 @@ def main() -> None:
         "defended_accuracy_mean": float(np.mean(per_draw)),
         "defended_accuracy_per_draw": per_draw,
         "undefended_accuracy": raw_correct / len(y_all),
-        "manifest_clean_accuracy": manifest_figure(mv.manifest.get("evaluation") or {}, args.samples),
+        "manifest_clean_accuracy": clean_figure(mv.manifest.get("evaluation") or {}, args.samples),
         "wall_s": round(time.time() - t0, 1),
         "images_per_s": round(args.draws * len(y_all) / (time.time() - t0), 1),
     }

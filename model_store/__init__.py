@@ -4,7 +4,14 @@ Imports neither torch nor training code: the service reads the store with this p
 ``default_store()`` is this package's own folder, which holds the embedded default model.
 """
 
-from model_store.manifest import MANIFEST_FILE, canonical_bytes, manifest_digest, validate
+from model_store.manifest import (
+    MANIFEST_FILE,
+    canonical_bytes,
+    clean_figure,
+    manifest_digest,
+    serving_samples,
+    validate,
+)
 from model_store.store import (
     ModelVersion,
     StoreError,
@@ -24,6 +31,7 @@ __all__ = [
     "ModelVersion",
     "StoreError",
     "canonical_bytes",
+    "clean_figure",
     "cleanup",
     "default_store",
     "get_version",
@@ -31,6 +39,7 @@ __all__ = [
     "load_manifest",
     "manifest_digest",
     "publish",
+    "serving_samples",
     "sha256_file",
     "validate",
     "verify",

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from model_store.manifest import MANIFEST_FILE
+from model_store.manifest import MANIFEST_FILE, clean_figure, serving_samples
 from model_store.store import (
     StoreError,
     cleanup,
@@ -71,13 +71,10 @@ def _out(line: str) -> None:
 
 def _clean(ev: dict, samples: int) -> str:
     """Clean accuracy of the default answer (``samples`` draws), the one-draw figure beside it."""
-    one = ev.get("clean_accuracy")
-    answer = ev.get("clean_accuracy_answer") or {}
-    if samples > 1 and answer.get("samples") == samples:
-        return f"{answer['accuracy']:.1%}" + ("" if one is None else f" ({one:.1%} at 1)")
-    if one is None:
-        return "-"
-    return f"{one:.1%}" + ("" if samples == 1 else " (at 1)")
+    answer, one = clean_figure(ev, samples), clean_figure(ev, 1)
+    if samples == 1 or answer is None:
+        return "-" if one is None else f"{one:.1%}" + ("" if samples == 1 else " (at 1)")
+    return f"{answer:.1%}" + ("" if one is None else f" ({one:.1%} at 1)")
 
 
 def _list(root: Path, name: str | None) -> int:
@@ -89,7 +86,7 @@ def _list(root: Path, name: str | None) -> int:
             rows.append((n, str(v), "-", "-", "-", "-", "-", f"INVALID: {e}"))
             continue
         ev = m.get("evaluation", {})
-        samples = (m.get("serving") or {}).get("samples", 1)
+        samples = serving_samples(m)
         robust = ", ".join(f"{r['attack']}@{r['eps']:.4g}={r['accuracy']:.1%}" for r in ev.get("robust", []))
         fmts = ",".join(k for k in ("onnx", "torchscript") if m["graph"].get(k))
         rows.append((n, str(v), m["created"], fmts, str(samples), _clean(ev, samples), robust or "-", "ok"))

@@ -190,6 +190,20 @@ def _matches(pattern: str, s: str) -> bool:
     return re.fullmatch(pattern, s) is not None
 
 
+def serving_samples(manifest: dict) -> int:
+    """RT draws per answer for a request that does not say: ``serving.samples``, else 1."""
+    return int((manifest.get("serving") or {}).get("samples", 1))
+
+
+def clean_figure(evaluation: dict, samples: int) -> float | None:
+    """The recorded clean accuracy of answers of ``samples`` draws: ``clean_accuracy`` for one,
+    ``clean_accuracy_answer`` when it was measured for that many; None if not measured."""
+    if samples == 1:
+        return evaluation.get("clean_accuracy")
+    answer = evaluation.get("clean_accuracy_answer") or {}
+    return answer.get("accuracy") if answer.get("samples") == samples else None
+
+
 def canonical_bytes(manifest: dict) -> bytes:
     """The one byte layout a stored manifest.json may have (sorted keys, 2-space indent)."""
     return (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=True) + "\n").encode()

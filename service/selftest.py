@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from atop import contract
+from model_store import serving_samples
 
 
 class Refused(Exception):
@@ -36,8 +37,12 @@ def manifest_facts(manifest: dict) -> Facts:
         raise Refused(f"manifest.json: input range [{lo}, {hi}] is not [0, 1]")
     if not all(manifest["classes"]):
         raise Refused("manifest.json: empty class name in 'classes'")
-    samples = int((manifest.get("serving") or {}).get("samples", 1))
-    return Facts(tuple(manifest["classes"]), int(manifest["rt"]["image_size"]), dict(manifest["rt"]), samples)
+    return Facts(
+        tuple(manifest["classes"]),
+        int(manifest["rt"]["image_size"]),
+        dict(manifest["rt"]),
+        serving_samples(manifest),
+    )
 
 
 def robustness_regressions(candidate: dict, active: dict, tolerance: float) -> list[str]:
