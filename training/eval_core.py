@@ -33,17 +33,20 @@ DETERMINISTIC = {r: "argmax of the logits (a deterministic model: the three rule
 
 @torch.no_grad()
 def clean_accuracy(target: Target, test, n: int, seed: int, device: str = "cpu", samples: int = 1) -> dict:
-    """Top-1 accuracy of the answer to the softmax averaged over ``samples`` fresh draws per image
-    (the service's rule). With 1: one fresh draw per image, the mean over the randomness. The
-    first of the draws is the same for every ``samples``, so the figures are paired."""
+    """Top-1 accuracy on ``n`` test images in one pass of ``samples`` fresh draws per image:
+    ``accuracy`` of the first draw alone (the mean over the randomness) and ``answer`` of the
+    softmax averaged over all of them (the service's rule with ``samples``), paired."""
     split = test.subset(n, seed=seed)
-    correct = 0.0
+    first = answer = 0.0
     for i, (x, y) in enumerate(batches(split, 500)):
         model = target.stochastic(torch.Generator().manual_seed(derive_seed(seed, "clean-n", i)))
         x = x.to(device)
-        probs = sum(model(x).softmax(1) for _ in range(samples))
-        correct += float((probs.argmax(1).cpu() == y).sum())
-    return {"n": len(split), "accuracy": correct / len(split), "samples": samples}
+        probs = model(x).softmax(1)
+        first += float((probs.argmax(1).cpu() == y).sum())
+        for _ in range(samples - 1):
+            probs += model(x).softmax(1)
+        answer += float((probs.argmax(1).cpu() == y).sum())
+    return {"n": len(split), "accuracy": first / len(split), "answer": answer / len(split)}
 
 
 def measure_cost(target: Target, x: torch.Tensor, y: torch.Tensor, samples: int) -> dict:
@@ -205,14 +208,13 @@ def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> d
         for o in sweep:
             pts.setdefault(o.spec.norm, []).append((o.spec.eps, o.after.means()["vote"]))
         checks += sanity.eps_sweep(pts, float(clean.vote[:m].mean()), m, cfg.zero_tol)
-    big = clean_accuracy(target, test, cfg.clean_n, cfg.seed, cfg.device)
     k = cfg.samples if target.randomized else 1
-    answer = clean_accuracy(target, test, cfg.clean_n, cfg.seed, cfg.device, k) if k > 1 else big
+    big = clean_accuracy(target, test, cfg.clean_n, cfg.seed, cfg.device, k)
     return {
         "clean_accuracy": big["accuracy"],
         "n_images": big["n"],
         "clean_protocol": "top-1, one fresh RT draw per image (the mean over the randomness)",
-        "clean_accuracy_answer": {"accuracy": answer["accuracy"], "samples": k, "n_images": answer["n"]}
+        "clean_accuracy_answer": {"accuracy": big["answer"], "samples": k, "n_images": big["n"]}
         | {"rule": SCORING["vote"].format(k=k) if detected else DETERMINISTIC["vote"]},
         "clean_accuracy_subset": clean.means() | {"n_images": n},
         "target": {"role": target.role, "description": target.description, "randomized": detected}
