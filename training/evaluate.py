@@ -119,6 +119,8 @@ def build_protocol(cfg: EvalConfig) -> eval_protocol.Protocol:
 
 def run(cfg: EvalConfig) -> dict:
     """Evaluate; the result has the manifest's ``evaluation`` shape (model_store.manifest)."""
+    if cfg.serve_samples and not cfg.record:  # before hours of attacks, not after
+        raise ValueError("--serve-samples sets the recorded version's default; it needs --record")
     target = build_target(cfg)
     paths = output_paths(cfg.out)
     result = evaluate(cfg, target, build_protocol(cfg), paths and paths[".state.json"])
@@ -128,8 +130,6 @@ def run(cfg: EvalConfig) -> dict:
         paths[".md"].write_text(markdown(merged))
         paths[".svg"].write_text(svg_plot(merged))
         log.info("wrote %s, .md, .svg", paths[".json"])
-    if cfg.serve_samples and not cfg.record:
-        raise ValueError("--serve-samples sets the recorded version's default; it needs --record")
     if cfg.record:
         mv = record(result, serving_samples=cfg.samples if cfg.serve_samples else None)
         result["recorded_as"] = {"model": mv.name, "version": mv.version, "path": str(mv.path)}
