@@ -17,7 +17,7 @@ from PIL import Image
 from service.app import create_app
 from service.deps import get_metrics, get_registry
 from service.settings import Settings
-from tests.service_fixtures import API_KEY, CIFAR10, bomb_png, encode, noise_image, png
+from tests.service_fixtures import API_KEY, CIFAR10, bomb_png, encode, noise_image, png, republish
 
 
 def make_settings(store, **kw) -> Settings:
@@ -96,8 +96,6 @@ def test_many_images_multipart_and_json_with_body_options(client):
 
 
 def test_a_request_without_samples_gets_the_versions_default(tmp_path, tiny_version, caplog):
-    from tests.service_fixtures import republish
-
     root = tmp_path / "store"
     republish(root, tiny_version, serving={"samples": 3})
     im = b64(png(seed=4))
