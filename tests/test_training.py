@@ -99,8 +99,10 @@ def test_ensemble_averages_its_members_over_the_mirror(
 
 def test_pgd_adversarial_training_runs(data, tmp_path):
     cmd = f"train classifier --data {data} --out {tmp_path} {TINY_CLASSIFIER} --epochs 1 --batch-size 16"
-    assert atop_run(cmd + " --adversarial pgd --adv-steps 2 --threads 1") == 0
+    # The per-epoch robust check holds out 256 training images by default; the tiny set has 96.
+    assert atop_run(cmd + " --adversarial pgd --adv-steps 2 --threads 1 --robust-check 16") == 0
     assert (tmp_path / "final.safetensors").is_file()
+    assert all("robust_acc" in e for e in _epochs(tmp_path))
 
 
 def test_purifier_reconstruction_improves(data, tmp_path, classifier_ckpt):

@@ -143,7 +143,27 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-@torch.no_grad()
+PRECISIONS = ("bf16", "fp32")
+
+
+def autocast(device: torch.device, precision: str):
+    """The training step's autocast: bf16 (about 2x the fp32 throughput on a CPU with AVX-512
+    BF16, and on any recent GPU) or none. Evaluation and attacks outside training stay fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def add_precision_argument(p) -> None:
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="bf16",
+        help="training-step arithmetic: bf16 autocast (~2x faster on CPUs with AVX-512 BF16 and"
+        " on GPUs) or fp32; checks and evaluation attacks are always fp32 (default bf16)",
+    )
+
+
 @torch.no_grad()
 def evaluate_accuracy(model, split, batch_size: int = 500) -> float:
     """Top-1 accuracy of ``model`` (callable, [0,1] in, logits out) on a Split."""
@@ -236,6 +256,9 @@ def train_loop(
             metrics = {"epoch": round(step / spe, 3), "step": step, **epoch_end_fn(step, means)}
             runlog.write(**metrics)
             save("last.safetensors", step, metrics)
+            if metrics.get("collapsed"):  # the robust check saw catastrophic overfitting: done
+                total = step
+                break
     bar.close()
     for m in models:
         sync_buffers(m, info)

@@ -69,7 +69,18 @@ class Split:
         if n >= len(self):
             return self
         gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(self), generator=gen)[:n].sort().values
+        return self._take(torch.randperm(len(self), generator=gen)[:n].sort().values)
+
+    def hold_out(self, n: int, seed: int = 0) -> tuple[Split, Split]:
+        """(the rest, ``n`` seeded random items held out): disjoint, together the whole split."""
+        if not 0 < n < len(self):
+            raise ValueError(f"cannot hold out {n} of {len(self)} images")
+        gen = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(len(self), generator=gen)
+        rest, held = perm[n:].sort().values, perm[:n].sort().values
+        return self._take(rest), self._take(held)
+
+    def _take(self, idx: torch.Tensor) -> Split:
         return Split(self.images[idx], self.labels[idx], self.classes, self.source, self.checksum)
 
 

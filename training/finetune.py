@@ -5,6 +5,9 @@ where x' = x + δ is adversarial. ``--adv fgsm`` makes x' by FGSM on the bare cl
 transfer, as the reference code does); ``--adv pgd`` runs PGD with EOT against the whole
 pipeline f∘g∘t with the purifier as it currently is (principled, ~steps·eot times dearer).
 ``--clean-fraction`` keeps part of every batch clean, which protects clean accuracy.
+``--precision`` (default bf16) is the autocast of the training step, the attack making x'
+included; the per-epoch checks, among them the pass-through metric (``pass_through``: about 1
+when a perturbation goes straight through g, about 0 when g removes it), stay fp32.
 """
 
 from __future__ import annotations

@@ -130,8 +130,17 @@ class StochasticPipeline(nn.Module):
         return self.pipeline(x, s.noise, s.masks)
 
 
-def count_parameters(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
+class NoPurifier(nn.Module):
+    """No purifier: returns the image channels of its input. With ``IDENTITY_RT`` (RT1, no block
+    missing, no noise) the pipeline f(g(t(x))) is exactly f(x): how a classifier that defends
+    on its own (the adversarially trained baseline) is exported and served through the same graph
+    and contract as AToP (``atop export --purifier none``)."""
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        return inp[:, :3]
+
+
+IDENTITY_RT = RTSpec(kind="rt1", noise_std=0.0, missing=0.0)
 
 
 def load_purifier(src) -> tuple[UNetPurifier, RTSpec]:
@@ -153,3 +162,60 @@ def load_pipeline(classifier_path, purifier_path, spec: RTSpec | None = None) ->
 
     purifier, saved = load_purifier(purifier_path)
     return DefendedPipeline(purifier, load_classifier(classifier_path), spec or saved).eval()
+
+
+@torch.no_grad()
+def pass_through(
+    purifier: nn.Module,
+    spec: RTSpec,
+    split,
+    *,
+    eps: float = 8 / 255,
+    images: int = 256,
+    seed: int = 4321,
+    batch_size: int = 128,
+) -> dict[str, float]:
+    """Does g remove a small perturbation or copy it through? (DESIGN: "A purifier that copies
+    its input does not defend".) On the first ``images`` of ``split``, with a random ±``eps``
+    sign perturbation d and the *same* RT draw for x and x + d, over the pixels the RT kept:
+
+    * ``denoise_err_in``: mean |t(x) - x| (the noise the purifier is given);
+    * ``denoise_err_out``: mean |g(t(x)) - x| (what is left after purifying);
+    * ``pass_through``: mean over images of <g(t(x+d)) - g(t(x)), d> / <d, d>; 1 = d goes
+      straight through (the identity), 0 = d is removed (e.g. a constant output).
+
+    Per purifier pass, before RT3 merges its copies (RT3 keeps no input pixel in the merged
+    image; its copies each see three quarters of it). fp32, seeded: comparable across epochs.
+    """
+    from training.data import batches
+
+    gen = torch.Generator().manual_seed(seed)
+    param = next(purifier.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    err_in = err_out = ratio = kept = 0.0
+    n = 0
+    with torch.autocast(device.type, enabled=False):
+        for x, _ in batches(split, batch_size):
+            if n >= images:
+                break
+            x = x[: images - n].to(device)
+            d = (torch.randint(0, 2, x.shape, generator=gen).float() * 2 - 1).to(device) * eps
+            d = (x + d).clamp(0.0, 1.0) - x  # the perturbation that an image in [0,1] can carry
+            s = sample_rt(spec, x.shape[0], gen, device)
+            inp = apply_rt(
+                torch.cat([x, x + d]),
+                s.noise.repeat(2, 1, 1, 1),
+                s.masks.repeat(2, 1, 1, 1, 1),
+                spec.applied_noise_std,
+            )  # [2B, C, 4, H, W]
+            out = purifier(inp.flatten(0, 1)).view(*inp.shape[:2], *x.shape[1:])
+            keep = 1.0 - s.masks  # [B, C, 1, H, W]
+            clean, moved = out[: x.shape[0]], out[x.shape[0] :] - out[: x.shape[0]]
+            err_in += float(((inp[: x.shape[0], :, :3] - x[:, None]).abs() * keep).sum())
+            err_out += float(((clean - x[:, None]).abs() * keep).sum())
+            kept += float(keep.sum()) * x.shape[1]
+            dd = d[:, None] * keep
+            num = (moved * dd).flatten(1).sum(1)
+            ratio += float((num / (dd * dd).flatten(1).sum(1).clamp_min(1e-12)).sum())
+            n += x.shape[0]
+    return {"denoise_err_in": err_in / kept, "denoise_err_out": err_out / kept, "pass_through": ratio / n}

@@ -1,7 +1,16 @@
 """``atop train classifier``: standard (or PGD adversarial) training of the CIFAR ResNet.
 
-The standard model becomes the frozen classifier f of the defense; ``--adversarial pgd`` trains
-the PGD-AT baseline (Madry et al.) that the evaluation compares AToP against.
+The standard model becomes the frozen classifier f of the defense. ``--adversarial`` trains
+the adversarial-training (AT) baseline that the evaluation compares AToP against, with every
+image of every batch adversarial: ``fgsm`` is fast AT (FGSM from a random start, step 1.25·ε,
+Wong et al. 2020), ``pgd`` is PGD-k AT (Madry et al.). Adversarial runs hold ``--robust-check``
+images out of the training split, measure PGD-10 accuracy on them after every epoch
+(``robust_acc``, see training/robust_check.py), keep the best epoch as ``best.safetensors`` and
+stop when robustness collapses (catastrophic overfitting), so ``best.safetensors`` is the AT
+model to use.
+
+``--precision bf16`` (the default) runs the training step, attack included, under bf16
+autocast; the per-epoch checks stay fp32.
 
 ``--purifier P`` adapts a classifier to the purifier's outputs: a fraction of every batch is
 replaced by g(t(x)), one fresh RT draw per image through the (frozen, pre-trained) purifier P,
@@ -32,11 +41,12 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from training import common
-from training.attacks import pgd
+from training.attacks import fgsm_rs, pgd
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.classifier import ClassifierConfig, build_classifier, load_classifier
 from training.data import Split, batches, load_split
 from training.purifier import load_purifier, purify
+from training.robust_check import BestEpoch, RobustCheck, robust_accuracy
 from training.train_purifier import evaluate as evaluate_purified
 from training.transforms import sample_rt
 
@@ -57,10 +67,12 @@ class TrainClassifierConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     warmup: float = 0.05  # fraction of the run spent warming up
-    adversarial: str = "none"  # none | pgd
+    adversarial: str = "none"  # none | fgsm | pgd
     adv_eps: float = 8 / 255
-    adv_steps: int = 7
-    adv_alpha: float = 2 / 255
+    adv_steps: int = 7  # pgd only
+    adv_alpha: float = 0.0  # step size; 0 = the method's own: pgd 2/255, fgsm 1.25 * eps
+    robust_check: int = 256  # adversarial runs: training images held out for the per-epoch PGD check
+    precision: str = "bf16"  # bf16 | fp32: autocast of the training step
     seed: int = 0
     init: str = ""  # start from this checkpoint's weights (fresh optimizer and schedule)
     purifier: str = ""  # adapt to this purifier's outputs (see the module docstring)
@@ -77,6 +89,11 @@ class TrainClassifierConfig:
     def classifier(self) -> ClassifierConfig:
         return ClassifierConfig(depth=self.depth, width=self.width, arch=self.arch)
 
+    def alpha(self) -> float:
+        if self.adv_alpha > 0:
+            return self.adv_alpha
+        return 1.25 * self.adv_eps if self.adversarial == "fgsm" else 2 / 255
+
 
 def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None = None) -> dict:
     if cfg.purifier and cfg.adversarial != "none":
@@ -85,12 +102,22 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         raise ValueError(f"--purified-fraction must be in (0, 1], got {cfg.purified_fraction}")
     if cfg.teacher and not (0.0 < cfg.distill_weight <= 1.0 and cfg.distill_temperature > 0):
         raise ValueError("--distill-weight must be in (0, 1] and --distill-temperature > 0")
+    if cfg.adversarial not in ("none", "fgsm", "pgd"):
+        raise ValueError(f"--adversarial must be none, fgsm or pgd, not {cfg.adversarial!r}")
     info = common.init_distributed(threads)
     out = Path(cfg.out)
     train = load_split(cfg.data, "train")
     test = load_split(cfg.data, "test")
     if cfg.limit_train:
         train = train.subset(cfg.limit_train, seed=cfg.seed)
+    check = RobustCheck(images=cfg.robust_check, eps=cfg.adv_eps, seed=cfg.seed)
+    held = None
+    if cfg.adversarial != "none" and check.images:
+        train, held = train.hold_out(check.images, seed=cfg.seed)
+        log.info(
+            "robust check: PGD-%d on %d held-out training images after every epoch", check.steps, len(held)
+        )
+    best = BestEpoch(out, check)
     if cfg.limit_test:
         test = test.subset(cfg.limit_test, seed=cfg.seed)
     model = build_classifier(cfg.classifier()).to(info.device, memory_format=torch.channels_last)
@@ -156,31 +183,27 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         if soft is not None:
             idx = y.cpu()
             y, target = labels[idx].to(x.device), soft[idx].to(x.device)
-        if cfg.adversarial == "pgd":
-            x = pgd(
-                model,
-                x,
-                y,
-                eps=cfg.adv_eps,
-                steps=cfg.adv_steps,
-                alpha=cfg.adv_alpha,
-                gen=common.step_generator(cfg.seed, step),
-            )
-        if purifier is not None:
-            k = max(1, round(cfg.purified_fraction * x.shape[0]))
-            s = sample_rt(spec, k, common.step_generator(cfg.seed, step), info.device)
-            with torch.no_grad():
-                restored = purify(purifier, x[:k], s.noise, s.masks, spec.applied_noise_std)
-            x = torch.cat([restored.contiguous(memory_format=torch.channels_last), x[k:]])
-        for g in opt.param_groups:
-            g["lr"] = common.one_cycle_lr(step, total, cfg.lr, cfg.warmup)
         ddp.train()
-        logits = ddp(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        if soft is not None:
-            tau, a = cfg.distill_temperature, cfg.distill_weight
-            kl = F.kl_div(F.log_softmax(logits / tau, dim=1), target, reduction="batchmean")
-            loss = (1 - a) * loss + a * tau * tau * kl
+        with common.autocast(info.device, cfg.precision):
+            gen = common.step_generator(cfg.seed, step)
+            if cfg.adversarial == "pgd":
+                x = pgd(model, x, y, eps=cfg.adv_eps, steps=cfg.adv_steps, alpha=cfg.alpha(), gen=gen)
+            elif cfg.adversarial == "fgsm":
+                x = fgsm_rs(ddp, x, y, eps=cfg.adv_eps, alpha=cfg.alpha(), gen=gen)
+            if purifier is not None:
+                k = max(1, round(cfg.purified_fraction * x.shape[0]))
+                s = sample_rt(spec, k, gen, info.device)
+                with torch.no_grad():
+                    restored = purify(purifier, x[:k], s.noise, s.masks, spec.applied_noise_std)
+                x = torch.cat([restored.float().contiguous(memory_format=torch.channels_last), x[k:]])
+            for g in opt.param_groups:
+                g["lr"] = common.one_cycle_lr(step, total, cfg.lr, cfg.warmup)
+            logits = ddp(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            if soft is not None:
+                tau, a = cfg.distill_temperature, cfg.distill_weight
+                kl = F.kl_div(F.log_softmax(logits.float() / tau, dim=1), target, reduction="batchmean")
+                loss = (1 - a) * loss + a * tau * tau * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -194,6 +217,12 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         if purifier is not None and info.main:
             split = test.subset(cfg.purified_test) if cfg.purified_test else test
             metrics["test_acc_purified"] = evaluate_purified(purifier, model, spec, split)["pipeline_acc"]
+        if held is not None and info.main:
+            r = robust_accuracy(model, held, check)
+            improved, collapsed = best.update(r["robust_acc"])
+            metrics.update(holdout_acc=r["clean_acc"], robust_acc=r["robust_acc"], collapsed=collapsed)
+            if improved:
+                save("best.safetensors", step, step // max(1, len(train) // cfg.batch_size), metrics)
         return metrics
 
     loop = common.LoopSpec(
@@ -239,9 +268,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("weight_decay", "L2 weight decay on conv/linear weights"),
         ("label_smoothing", "cross-entropy label smoothing"),
         ("warmup", "fraction of steps spent warming up"),
-        ("adv_eps", "PGD-AT: l-inf radius"),
+        ("adv_eps", "AT: l-inf radius of the training attack"),
         ("adv_steps", "PGD-AT: attack steps"),
-        ("adv_alpha", "PGD-AT: step size"),
+        ("adv_alpha", "AT: attack step size (0 = pgd 2/255, fgsm 1.25 x eps)"),
+        ("robust_check", "AT: training images held out for the per-epoch PGD-10 check (0 = none)"),
         ("purified_fraction", "with --purifier: share of each batch replaced by g(t(x))"),
         ("purified_test", "with --purifier: test images for test_acc_purified (0 = all)"),
         ("distill_weight", "with --teacher: share of the loss given to the teacher's soft targets"),
@@ -283,10 +313,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--adversarial",
-        choices=["none", "pgd"],
+        choices=["none", "fgsm", "pgd"],
         default="none",
-        help="'pgd' trains the PGD adversarial-training baseline (default none)",
+        help="adversarial training with every image adversarial: 'fgsm' = FGSM from a random"
+        " start (fast AT, Wong et al. 2020), 'pgd' = PGD-k (Madry et al.) (default none)",
     )
+    common.add_precision_argument(p)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainClassifierConfig:

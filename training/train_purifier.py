@@ -7,6 +7,11 @@ sweep; the deployed σ (``noise_std``) is what the saved RT spec carries.
 
 Fine-tuning (AToP, see finetune.py) runs the same loop with the classifier f frozen, adversarial
 inputs x', and the extra term λ·CE(y, f(g(t(x')))); reconstruction still targets the clean x.
+
+``--precision bf16`` (the default) runs the training step's forward passes, the training-time
+attack included, under bf16 autocast; the losses are taken in fp32 and the per-epoch checks
+(PSNR, pipeline accuracy, the pass-through metric of ``training.purifier.pass_through``) stay
+fp32.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from training.purifier import (
     PurifierConfig,
     StochasticPipeline,
     UNetPurifier,
+    pass_through,
     purify,
 )
 from training.transforms import RTSpec, sample_rt
@@ -65,6 +71,8 @@ class PurifierTrainConfig:
     adv_eot: int = 2
     clean_fraction: float = 0.0  # share of each batch left clean during fine-tuning
     eval_images: int = 1000
+    pass_images: int = 256  # test images for the per-epoch pass-through / denoising check
+    precision: str = "bf16"  # bf16 | fp32: autocast of the training step
     seed: int = 0
     limit_train: int = 0
     limit_test: int = 0
@@ -101,6 +109,8 @@ def evaluate(purifier, classifier, spec: RTSpec, split, seed: int = 1234) -> dic
 
 
 def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None = None) -> dict:
+    if cfg.precision not in common.PRECISIONS:
+        raise ValueError(f"--precision must be one of {common.PRECISIONS}, not {cfg.precision!r}")
     info = common.init_distributed(threads)
     out = Path(cfg.out)
     train = load_split(cfg.data, "train")
@@ -109,14 +119,17 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
         train = train.subset(cfg.limit_train, seed=cfg.seed)
     test = test.subset(cfg.limit_test or cfg.eval_images, seed=cfg.seed)
     spec, tspec = cfg.spec(), cfg.train_spec()
-    classifier = load_classifier(cfg.classifier).to(info.device) if cfg.classifier else None
+    # channels_last throughout (purifier, D, the frozen classifier): 1.2-1.4x the NCHW training
+    # step on a CPU, fp32 and bf16 alike (one thread, batch 128, pre-training and fine-tuning).
+    cl = torch.channels_last
+    classifier = load_classifier(cfg.classifier).to(info.device, memory_format=cl) if cfg.classifier else None
     if classifier is not None:
         classifier.requires_grad_(False)
     if cfg.stage == "finetune" and (classifier is None or not cfg.init):
         raise ValueError("fine-tuning needs --classifier and --purifier checkpoints")
 
-    G = UNetPurifier(PurifierConfig(cfg.width)).to(info.device)
-    D = PatchDiscriminator(cfg.disc_width).to(info.device)
+    G = UNetPurifier(PurifierConfig(cfg.width)).to(info.device, memory_format=cl)
+    D = PatchDiscriminator(cfg.disc_width).to(info.device, memory_format=cl)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     step = 0
@@ -174,25 +187,29 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
         lr = common.one_cycle_lr(step, total, cfg.lr, 0.02)
         for g in opt_g.param_groups + opt_d.param_groups:
             g["lr"] = lr
-        x_in = adversarial(x, y, gen)
-        s = sample_rt(tspec, x.shape[0], gen, info.device)
-        sigma = torch.full((x.shape[0], 1, 1, 1), tspec.noise_std)
-        if cfg.noise_max > 0:
-            sigma = torch.rand(x.shape[0], 1, 1, 1, generator=gen) * cfg.noise_max
-        if spec.kind == "rt1":  # masks only
-            sigma.zero_()
-        restored = purify(ddp_g, x_in, s.noise * sigma.to(info.device), s.masks, 1.0)
-        # Generator step: D frozen and in eval mode (no power iteration), gradients reach G only.
-        D.requires_grad_(False)
-        D.eval()
-        l1 = (restored - x).abs().mean()
-        gan = -D(restored).mean()
-        loss = l1 + cfg.gan_weight * gan
+        # Forward passes (the attack's too) under the run's autocast; losses in fp32, backward
+        # outside it. The images themselves stay fp32: only the networks' arithmetic is bf16.
+        with common.autocast(info.device, cfg.precision):
+            x_in = adversarial(x, y, gen)
+            s = sample_rt(tspec, x.shape[0], gen, info.device)
+            sigma = torch.full((x.shape[0], 1, 1, 1), tspec.noise_std)
+            if cfg.noise_max > 0:
+                sigma = torch.rand(x.shape[0], 1, 1, 1, generator=gen) * cfg.noise_max
+            if spec.kind == "rt1":  # masks only
+                sigma.zero_()
+            restored = purify(ddp_g, x_in, s.noise * sigma.to(info.device), s.masks, 1.0).float()
+            # Generator step: D frozen and in eval mode (no power iteration), gradients reach G only.
+            D.requires_grad_(False)
+            D.eval()
+            l1 = (restored - x).abs().mean()
+            gan = -D(restored).float().mean()
+            loss = l1 + cfg.gan_weight * gan
+            if cfg.lam > 0:
+                logits = classifier(restored).float()
+                ce = F.cross_entropy(logits, y)
+                loss = loss + cfg.lam * ce
         stats = {"l1": l1.item(), "gan": gan.item()}
         if cfg.lam > 0:
-            logits = classifier(restored)
-            ce = F.cross_entropy(logits, y)
-            loss = loss + cfg.lam * ce
             stats |= {"ce": ce.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,7 +217,8 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
         # Discriminator step: hinge loss, real and fake in one forward (one DDP reduction).
         D.requires_grad_(True)
         D.train()
-        scores = ddp_d(torch.cat([x, restored.detach()]))
+        with common.autocast(info.device, cfg.precision):
+            scores = ddp_d(torch.cat([x, restored.detach()])).float()
         real, fake = scores[: x.shape[0]], scores[x.shape[0] :]
         loss_d = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
         opt_d.zero_grad(set_to_none=True)
@@ -212,7 +230,10 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
 
     def epoch_end(step: int, means: dict) -> dict:
         common.sync_buffers(D, info)
-        res = evaluate(G, classifier, spec, test) if info.main else {}
+        res = {}
+        if info.main:
+            res = evaluate(G, classifier, spec, test)
+            res |= pass_through(G, spec, test, eps=cfg.adv_eps, images=cfg.pass_images, seed=cfg.seed + 4321)
         return {**{f"train_{k}": v for k, v in means.items()}, **res}
 
     loop = common.LoopSpec(
@@ -248,6 +269,7 @@ ARGS = [  # (field, help); defaults come from the config (per stage)
     ("beta1", "Adam beta1"),
     ("gan_weight", "weight of the hinge GAN term"),
     ("eval_images", "test images for the per-epoch PSNR / accuracy check"),
+    ("pass_images", "test images for the per-epoch pass-through / denoising-error check"),
     ("seed", "seed for data order, RT draws and init"),
     ("limit_train", "use only this many training images (0 = all)"),
     ("limit_test", "evaluate on this many test images (0 = --eval-images)"),
@@ -268,6 +290,7 @@ def add_common_arguments(p: argparse.ArgumentParser, defaults: PurifierTrainConf
             p.add_argument(flag, choices=["fgsm", "pgd"], default=d, help=f"{help_} (default {d})")
         else:
             p.add_argument(flag, type=type(d), default=d, help=f"{help_} (default {d})")
+    common.add_precision_argument(p)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,246 @@
+"""Fast adversarial training and bf16 training on tiny data: the --precision option of every
+trainer, fgsm_rs, the per-epoch robust check with its best epoch, the held-out split, and the
+purifier's pass-through metric."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from atop.cli import main as atop
+from tests.tiny_data import CLASSES, make_images, write_folder
+from tests.tiny_models import make_checkpoints
+from training import common
+from training import train_classifier as tc
+from training.attacks import fgsm_rs, project
+from training.checkpoint import load_checkpoint
+from training.data import Split, load_split
+from training.purifier import pass_through
+from training.robust_check import BestEpoch, RobustCheck
+from training.transforms import RTSpec
+
+TINY_CLASSIFIER = "--depth 1 --width 4 --batch-size 16 --threads 1"
+TINY_PURIFIER = "--width 4 --disc-width 4 --batch-size 16 --threads 1 --eval-images 24 --pass-images 24"
+PASS_KEYS = ("denoise_err_in", "denoise_err_out", "pass_through")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("data") / "tree", n_train=32, n_test=8)
+
+
+def _epochs(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(path: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path).state_dict(name)
+
+
+# --- precision ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_classifier_trains_at_either_precision(data, tmp_path, precision):
+    cmd = f"train classifier --data {data} --out {tmp_path} {TINY_CLASSIFIER} --epochs 6 --lr 0.05"
+    assert atop(f"{cmd} --precision {precision}".split()) == 0
+    log = _epochs(tmp_path)
+    assert len(log) == 6 and log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
+    assert load_checkpoint(tmp_path / "final.safetensors").config["train"]["precision"] == precision
+
+
+def test_precision_changes_the_arithmetic_and_unknown_ones_are_refused(data, tmp_path):
+    cfg = tc.TrainClassifierConfig(
+        data=str(data), out=str(tmp_path / "bf16"), depth=1, width=4, epochs=1, batch_size=16
+    )
+    assert cfg.precision == "bf16"  # the default
+    tc.run(cfg)
+    tc.run(replace(cfg, out=str(tmp_path / "fp32"), precision="fp32"))
+    a = _weights(tmp_path / "bf16" / "final.safetensors", "classifier")
+    b = _weights(tmp_path / "fp32" / "final.safetensors", "classifier")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # same seed and data: only bf16 differs
+    with pytest.raises(ValueError, match="precision"):
+        common.autocast(torch.device("cpu"), "fp16")
+    with pytest.raises(ValueError, match="precision"):
+        tc.run(replace(cfg, out=str(tmp_path / "x"), precision="fp16"))
+    with pytest.raises(SystemExit):  # the CLI offers bf16 and fp32 only
+        atop(f"train purifier --data {data} --out {tmp_path}/y --precision fp16".split())
+
+
+# --- fgsm_rs --------------------------------------------------------------------------------
+
+
+def _linear_problem():
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    x = torch.rand(16, 3, 8, 8, generator=gen)
+    x[0] = 0.0  # an image at the edge of [0,1]: the attack must clamp
+    return model, x, torch.randint(0, 3, (16,), generator=gen)
+
+
+def test_fgsm_rs_stays_in_the_ball_and_raises_the_loss():
+    model, x, y = _linear_problem()
+    eps = 8 / 255
+    model.train()
+    adv = fgsm_rs(model, x, y, eps=eps, alpha=1.25 * eps, gen=torch.Generator().manual_seed(1))
+    assert model.training  # fast AT makes x' in training mode: the mode is left alone
+    assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0.0 and adv.max() <= 1.0
+    # The random start, drawn as fgsm_rs draws it: the gradient step moved away from it.
+    start = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert (adv - project(x + eps * start, x, eps, "linf")).abs().max() > eps / 2
+    again = fgsm_rs(model, x, y, eps=eps, alpha=1.25 * eps, gen=torch.Generator().manual_seed(1))
+    other = fgsm_rs(model, x, y, eps=eps, alpha=1.25 * eps, gen=torch.Generator().manual_seed(2))
+    assert torch.equal(adv, again) and not torch.equal(adv, other)
+    with torch.no_grad():
+        assert F.cross_entropy(model(adv), y) > F.cross_entropy(model(x), y) + 0.05
+
+
+# --- robust check, best epoch, held-out split -----------------------------------------------
+
+
+def test_best_epoch_keeps_the_peak_and_detects_collapse(tmp_path):
+    best = BestEpoch(tmp_path, RobustCheck(collapse=0.5))
+    got = [best.update(r) for r in (0.3, 0.4, 0.35, 0.1)]
+    assert got == [(True, False), (True, False), (False, False), (False, True)]
+    assert best.best == 0.4
+
+
+def test_hold_out_splits_the_split_in_two():
+    n = 20
+    pixels = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2)
+    s = Split(pixels, torch.arange(n), ("a",), "mem", "")
+    rest, held = s.hold_out(5, seed=3)
+    assert len(held) == 5 and len(rest) == 15
+    assert set(held.labels.tolist()).isdisjoint(rest.labels.tolist())
+    assert sorted(held.labels.tolist() + rest.labels.tolist()) == list(range(n))
+    assert torch.equal(held.images[:, 0, 0, 0].long(), held.labels)  # images travel with labels
+    assert torch.equal(s.hold_out(5, seed=3)[1].labels, held.labels)
+    assert not torch.equal(s.hold_out(5, seed=4)[1].labels, held.labels)
+    for bad in (0, n):
+        with pytest.raises(ValueError):
+            s.hold_out(bad)
+
+
+def _fingerprints(split: Split) -> set[str]:
+    return {hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in split.images}
+
+
+def test_fgsm_training_checks_every_epoch_and_keeps_the_best(data, tmp_path, monkeypatch):
+    seen: dict[str, Split] = {}
+    loop, check = common.train_loop, tc.robust_accuracy
+
+    def spy_loop(spec, info, train_split, *args, **kwargs):
+        seen["trained"] = train_split
+        return loop(spec, info, train_split, *args, **kwargs)
+
+    def spy_check(model, split, *args, **kwargs):
+        seen["checked"] = split
+        return check(model, split, *args, **kwargs)
+
+    monkeypatch.setattr(common, "train_loop", spy_loop)
+    monkeypatch.setattr(tc, "robust_accuracy", spy_check)
+    cmd = f"train classifier --data {data} --out {tmp_path} {TINY_CLASSIFIER} --epochs 3 --lr 0.05"
+    assert atop(f"{cmd} --adversarial fgsm --robust-check 16".split()) == 0
+    log = _epochs(tmp_path)
+    assert len(log) == 3 or log[-1]["collapsed"]
+    assert all(0.0 <= e["robust_acc"] <= 1.0 and "holdout_acc" in e for e in log)
+    assert log[0]["step"] == (96 - 16) // 16  # 16 of the 96 training images were held out
+    # The 16 checked images are training images that the run never trained on.
+    assert len(seen["checked"]) == 16 and len(seen["trained"]) == 80
+    everything = _fingerprints(load_split(data, "train"))
+    assert _fingerprints(seen["checked"]).isdisjoint(_fingerprints(seen["trained"]))
+    assert _fingerprints(seen["checked"]) | _fingerprints(seen["trained"]) == everything
+    # best.safetensors is the first epoch with the highest robust accuracy.
+    peak = max(range(len(log)), key=lambda i: (log[i]["robust_acc"], -i))
+    best = load_checkpoint(tmp_path / "best.safetensors")
+    assert best.header["step"] == log[peak]["step"]
+    assert best.header["metrics"] and all(log[peak][k] == v for k, v in best.header["metrics"].items())
+    assert best.config["train"]["adversarial"] == "fgsm"
+
+
+# --- pass-through metric --------------------------------------------------------------------
+
+
+class _Purifier(nn.Module):
+    """out = a·(holes pre-filled image) + b: a = 1 is the identity, a = 0 a constant."""
+
+    def __init__(self, a: float, b: float = 0.0):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        return self.a * (inp[:, :3] + 0.5 * inp[:, 3:4]) + self.b
+
+
+@pytest.fixture(scope="module")
+def images() -> Split:
+    x, y = make_images(8, seed=5)
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    return Split(x, torch.from_numpy(y), CLASSES, "mem", "")
+
+
+def test_pass_through_of_identity_half_and_constant(images):
+    rt1, rt2 = RTSpec("rt1"), RTSpec("rt2", noise_std=0.0625)
+    ident = pass_through(_Purifier(1.0), rt1, images, images=20, batch_size=8)
+    assert ident == pytest.approx({"denoise_err_in": 0.0, "denoise_err_out": 0.0, "pass_through": 1.0})
+    noisy = pass_through(_Purifier(1.0), rt2, images, images=20, batch_size=8)
+    assert 0.9 < noisy["pass_through"] <= 1.0  # t's clamp to [0,1] cuts a little of d
+    assert noisy["denoise_err_in"] == noisy["denoise_err_out"] > 0.02  # ~σ·sqrt(2/π) = 0.05
+    assert pass_through(_Purifier(0.5, 0.25), rt1, images)["pass_through"] == pytest.approx(0.5)
+    const = pass_through(_Purifier(0.0, 0.5), rt2, images)
+    assert const["pass_through"] == 0.0 and const["denoise_err_out"] > noisy["denoise_err_out"]
+    # Seeded: the same numbers every time, other numbers for another seed.
+    assert pass_through(_Purifier(1.0), rt2, images, images=20, batch_size=8) == noisy
+    other = pass_through(_Purifier(1.0), rt2, images, images=20, seed=1)
+    assert other["pass_through"] != noisy["pass_through"]
+
+
+# --- bf16 purifier and fine-tune ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tmp_path_factory) -> tuple[Path, Path]:
+    return make_checkpoints(tmp_path_factory.mktemp("ckpt"), num_classes=len(CLASSES))
+
+
+def _check_run(out: Path, precision: str, epochs: int) -> None:
+    log = _epochs(out)
+    assert len(log) == epochs
+    for e in log:
+        assert all(torch.isfinite(torch.tensor(e[k])) for k in (*PASS_KEYS, "train_l1", "train_d", "psnr"))
+        assert 0.0 < e["denoise_err_in"] < 0.2 and -1.0 < e["pass_through"] < 2.0
+    assert load_checkpoint(out / "final.safetensors").config["train"]["precision"] == precision
+
+
+def test_purifier_trains_in_bf16_and_logs_pass_through(data, tmp_path):
+    cmd = f"train purifier --data {data} {TINY_PURIFIER} --epochs 2"
+    for precision in ("bf16", "fp32"):
+        assert atop(f"{cmd} --out {tmp_path}/{precision} --precision {precision}".split()) == 0
+        _check_run(tmp_path / precision, precision, 2)
+    a = _weights(tmp_path / "bf16" / "final.safetensors", "purifier")
+    b = _weights(tmp_path / "fp32" / "final.safetensors", "purifier")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    d = _weights(tmp_path / "bf16" / "final.safetensors", "discriminator")
+    assert all(torch.isfinite(v).all() for v in d.values())  # the GAN step ran under autocast
+
+
+@pytest.mark.parametrize("adv", ["fgsm", "pgd"])
+def test_finetune_trains_in_bf16_and_logs_pass_through(data, tmp_path, tiny_ckpts, adv):
+    clf, pur = tiny_ckpts
+    cmd = (
+        f"train finetune --data {data} --out {tmp_path} {TINY_PURIFIER} --classifier {clf} --purifier {pur}"
+        f" --adv {adv} --adv-steps 1 --epochs 1 --lam 1.0 --precision bf16"
+    )
+    assert atop(cmd.split()) == 0
+    _check_run(tmp_path, "bf16", 1)
+    assert "train_ce" in _epochs(tmp_path)[0]
