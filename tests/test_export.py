@@ -196,3 +196,40 @@ def test_flipped_byte_in_an_exported_file_is_named(exported, tmp_path):
         with pytest.raises(model_store.StoreError) as e:
             model_store.verify(copy)
         assert str(target) in str(e.value)
+
+
+def test_classifier_alone_exports_serves_and_loads_back(exported, tmp_path):
+    """--purifier none: the graph is f(x) exactly (identity RT, no purifier), for any draw; the
+    manifest says so; the classifier can be rebuilt from the published version alone."""
+    from training.classifier import load_classifier
+
+    _, c, _ = exported["rt2"]
+    store = tmp_path / "store"
+    argv = ["export", "--classifier", str(c), "--purifier", "none", "--store", str(store)]
+    assert atop([*argv, "--name", "tiny-alone", "--classes", ",".join(CLASSES)]) == 0
+    mv = model_store.get_version(store, "tiny-alone")
+    m = mv.manifest
+    assert (
+        m["rt"]["kind"] == "rt1"
+        and m["rt"]["missing"] == 0.0
+        and m["provenance"]["recipe"]["purifier"] is None
+    )
+    assert "f(x)" in m["graph"]["onnx"]["outputs"][0]["description"]
+    f = load_classifier(c)
+    rng = np.random.default_rng(3)
+    x = rng.random((3, 3, 32, 32), dtype=np.float32)
+    noise, masks = contract.sample_rt(m["rt"], 3, rng)
+    assert masks.sum() == 0
+    sess = ort.InferenceSession(str(mv.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, raw = sess.run(None, {"image": x, "noise": noise, "masks": masks})
+    with torch.no_grad():
+        ref = f(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-4)
+    np.testing.assert_allclose(raw, ref, atol=1e-4)
+    rebuilt = load_classifier(mv.path)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(torch.from_numpy(x)), torch.from_numpy(ref))
+    with pytest.raises(ValueError, match="do not apply"):
+        export.run(
+            export.ExportConfig(str(c), "none", str(store), name="tiny-alone", rt="rt2", classes=CLASSES)
+        )

@@ -210,9 +210,13 @@ def randomize_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
 
 def load_classifier(src) -> nn.Module:
     """The classifier from a checkpoint written by ``atop train classifier`` (a path, or a
-    Checkpoint already read), in eval mode."""
+    Checkpoint already read), or from a model-store version folder, in eval mode."""
+    from pathlib import Path
+
     from training.checkpoint import Checkpoint, load_checkpoint
 
+    if not isinstance(src, Checkpoint) and Path(src).is_dir():
+        return classifier_from_store(Path(src))
     ck = src if isinstance(src, Checkpoint) else load_checkpoint(src)
     model = build_classifier(classifier_config(ck))
     model.load_state_dict(ck.state_dict("classifier"))
@@ -221,6 +225,36 @@ def load_classifier(src) -> nn.Module:
 
 def classifier_config(ck) -> ClassifierConfig:
     """The model config of a checkpoint written by ``atop train classifier`` (or ensemble)."""
-    if ck.config.get("kind") != "classifier":
-        raise ValueError(f"{ck.path}: not a classifier checkpoint (kind={ck.config.get('kind')!r})")
-    return ClassifierConfig.from_dict(ck.config["model"])
+    return classifier_config_from(ck.config, ck.path)
+
+
+def classifier_from_store(folder) -> nn.Module:
+    """The classifier f inside a published model-store version: its architecture from the
+    manifest's provenance (the training checkpoint's config), its weights from the version's
+    TorchScript file, after the version's checksums are verified. So a published version is
+    enough to build on (e.g. to fine-tune a purifier over its f) without keeping the training
+    checkpoint's weights in the repository as well."""
+    import warnings
+
+    from model_store import verify
+
+    manifest = verify(folder)
+    recipe = (manifest.get("provenance", {}).get("recipe") or {}).get("classifier") or {}
+    ts = (manifest.get("graph") or {}).get("torchscript")
+    if "config" not in recipe or ts is None:
+        raise ValueError(f"{folder}: the manifest lacks the classifier's config or a TorchScript file")
+    model = build_classifier(classifier_config_from(recipe["config"], folder))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        scripted = torch.jit.load(str(folder / ts["file"]), map_location="cpu")
+    prefix = "classifier."
+    weights = {k[len(prefix) :]: v for k, v in scripted.state_dict().items() if k.startswith(prefix)}
+    wanted = model.state_dict().keys()  # TorchScript also lists the non-persistent mean/std buffers
+    model.load_state_dict({k: v for k, v in weights.items() if k in wanted})
+    return model.eval()
+
+
+def classifier_config_from(config: dict, where) -> ClassifierConfig:
+    if config.get("kind") != "classifier":
+        raise ValueError(f"{where}: not a classifier checkpoint (kind={config.get('kind')!r})")
+    return ClassifierConfig.from_dict(config["model"])

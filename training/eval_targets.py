@@ -181,7 +181,8 @@ def from_store(root: str, name: str, version: int | None, defense: str = "auto")
     recipe = manifest["provenance"].get("recipe", {})
     train = recipe.get("classifier", {}).get("config", {}).get("train", {})
     at = train.get("adversarial", "none") not in ("none", None)
-    stage = recipe.get("purifier", {}).get("config", {}).get("stage")
+    front = recipe.get("purifier") is not None  # None: exported with --purifier none (f alone)
+    stage = (recipe.get("purifier") or {}).get("config", {}).get("stage")
     source = {
         "store": str(Path(root).resolve()),
         "model": mv.name,
@@ -191,7 +192,9 @@ def from_store(root: str, name: str, version: int | None, defense: str = "auto")
         "file_sha256": manifest["files"][ts["file"]]["sha256"],
     }
     f = ScriptedRaw(scripted)
-    defense = "full" if defense == "auto" else defense
+    defense = ("full" if front else "none") if defense == "auto" else defense
+    if not front and defense != "none":
+        raise ValueError(f"{mv.path}: exported without a purifier (the classifier alone); use --defense none")
     if defense == "none":
         return Target("at" if at else "undefended", f, adversarially_trained=at, source=source)
     if defense == "rt":

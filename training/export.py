@@ -40,11 +40,12 @@ from model_store import ModelVersion, default_store, publish
 from training.classifier import load_classifier
 from training.data import CIFAR10_CLASSES
 from training.export_manifest import ONNX_FILE, TORCHSCRIPT_FILE, build_manifest, load_evaluation
-from training.purifier import DefendedPipeline, load_purifier
+from training.purifier import IDENTITY_RT, DefendedPipeline, NoPurifier, load_purifier
 from training.transforms import RTSpec, apply_rt, combine_copies
 
 log = logging.getLogger("atop.export")
 FORMATS = ("onnx", "torchscript")
+NO_PURIFIER = "none"  # --purifier none: the classifier alone (e.g. the AT baseline), RT = identity
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,14 @@ def run(cfg: ExportConfig) -> ModelVersion:
             measured,
             cfg.samples,
         )
-    purifier, spec = load_purifier(cfg.purifier)
+    if cfg.purifier == NO_PURIFIER:
+        if cfg.rt or cfg.noise_std is not None:
+            raise ValueError(
+                "--purifier none exports the classifier alone; --rt and --noise-std do not apply"
+            )
+        purifier, spec = NoPurifier(), IDENTITY_RT
+    else:
+        purifier, spec = load_purifier(cfg.purifier)
     overrides = {k: v for k, v in (("kind", cfg.rt), ("noise_std", cfg.noise_std)) if v is not None}
     spec = dataclasses.replace(spec, **overrides)
     pipeline = DefendedPipeline(purifier, load_classifier(cfg.classifier), spec).eval()
@@ -243,7 +251,12 @@ def run(cfg: ExportConfig) -> ModelVersion:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", required=True, help="classifier checkpoint (.safetensors)")
-    p.add_argument("--purifier", required=True, help="purifier or fine-tune checkpoint (.safetensors)")
+    p.add_argument(
+        "--purifier",
+        required=True,
+        help="purifier or fine-tune checkpoint (.safetensors), or 'none': the classifier alone"
+        " (a robust classifier such as the AT baseline), with the identity as RT",
+    )
     p.add_argument("--store", default=None, help="store root (default: the embedded model_store)")
     p.add_argument("--name", default=ExportConfig.name, help="model name in the store")
     p.add_argument("--rt", choices=("rt1", "rt2", "rt3"), help="override the purifier's RT kind")

@@ -30,8 +30,9 @@ def _tensor(name: str, shape: list, description: str) -> dict:
     return {"name": name, "shape": shape, "dtype": "float32", "description": description}
 
 
-def graph_entry(spec: RTSpec, opset: int, num_classes: int) -> dict:
+def graph_entry(spec: RTSpec, opset: int, num_classes: int, front: bool = True) -> dict:
     s, c = spec.image_size, spec.copies
+    defended = "defended logits f(g(t(x)))" if front else "logits f(x): no purifier, the RT is the identity"
     noise_use = (
         "ignored for rt1"
         if spec.kind == "rt1"
@@ -52,7 +53,7 @@ def graph_entry(spec: RTSpec, opset: int, num_classes: int) -> dict:
             ),
         ],
         "outputs": [
-            _tensor(contract.OUTPUT_LOGITS, ["B", num_classes], "defended logits f(g(t(x)))"),
+            _tensor(contract.OUTPUT_LOGITS, ["B", num_classes], defended),
             _tensor(contract.OUTPUT_RAW_LOGITS, ["B", num_classes], "undefended classifier logits f(x)"),
         ],
     }
@@ -111,9 +112,10 @@ def load_evaluation(path: str | None) -> dict:
 def build_manifest(
     cfg: ExportConfig, spec: RTSpec, classes: list[str], parity: dict, evaluation: dict
 ) -> dict:
-    recipe = {"classifier": _recipe(cfg.classifier), "purifier": _recipe(cfg.purifier)}
-    seeds = {k: r["config"].get("train", {}).get("seed") for k, r in recipe.items()}
-    graph = {"onnx": graph_entry(spec, cfg.opset, len(classes)), "parity": parity}
+    front = cfg.purifier != "none"  # 'none': the classifier alone behind the identity RT
+    recipe = {"classifier": _recipe(cfg.classifier), "purifier": _recipe(cfg.purifier) if front else None}
+    seeds = {k: r["config"].get("train", {}).get("seed") for k, r in recipe.items() if r}
+    graph = {"onnx": graph_entry(spec, cfg.opset, len(classes), front), "parity": parity}
     if "torchscript" in cfg.formats:
         graph["torchscript"] = TORCHSCRIPT_ENTRY
     s = spec.image_size
