@@ -82,3 +82,36 @@ class Coin(nn.Module):
     def forward(self, x: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         right = (noise[:, 0, 0, 0] > self.q).float()
         return 20 * torch.stack([right, 1 - right], 1) + 0 * x.sum((1, 2, 3))[:, None]
+
+
+class Hashed(nn.Module):
+    """A ``(x, noise, masks) -> logits`` pipeline whose per-draw correctness is a coin of odds
+    ``p`` that looks independent across inputs: class 0 wins when frac(1000·(noise + x)) < p at
+    one pixel. Two different inputs scored on the same draws get unrelated outcomes, so picking,
+    per image, the candidate those very draws misjudge drags the figure far below ``p``."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.spec = RTSpec(kind="rt2", noise_std=0.1, image_size=8, block=4)
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        u = torch.frac(1000 * (noise[:, 0, 0, 0] + x[:, 0, 0, 0]).abs())
+        right = (u < self.p).float()
+        return 20 * torch.stack([right, 1 - right], 1)
+
+
+class Overshoot(nn.Module):
+    """Two classes, true class 0, decided by s = mean(x) - 0.5: class 1 wins only in the narrow
+    band |s - c| < w. Cross-entropy pulls s towards c, so PGD with a sign step larger than the
+    band bounces across it; with the right parity the final iterate lands outside the band
+    although an earlier iterate was inside (misclassified)."""
+
+    def __init__(self, c: float = 0.05, w: float = 0.015):
+        super().__init__()
+        self.c, self.k = c, 1 / w**2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.flatten(1).mean(1) - 0.5
+        z0 = self.k * (s - self.c) ** 2
+        return torch.stack([z0, torch.ones_like(z0)], 1)

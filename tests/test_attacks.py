@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from training.attacks import bpda, eot_gradient, fgsm, pgd
+from tests.eval_toys import Overshoot
+from training.attacks import bpda, eot_gradient, fgsm, pgd, pgd_iterates
 
 
 class _Normalize(nn.Module):
@@ -132,3 +133,37 @@ def test_attack_restores_each_submodule_mode():
     )
     assert wrapper.training and not inner.training and not inner[1].training
     assert torch.equal(stats, inner[1].running_mean)
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw", "cw-prob"])
+def test_best_iterate_keeps_the_point_a_bouncing_pgd_walked_away_from(loss):
+    """Overshoot: the sign step (0.03) is wider than the adversarial band (s in 0.05 ± 0.015),
+    so PGD goes 0 -> 0.03 -> 0.06 (inside: misclassified) -> 0.03 (outside again)."""
+    model = Overshoot()
+    x, y = torch.full((2, 3, 4, 4), 0.5), torch.zeros(2, dtype=torch.long)
+    kw = dict(eps=0.1, steps=3, alpha=0.03, random_start=False, loss=loss)
+    best, last = pgd_iterates(model, x, y, **kw)
+    assert (model(last).argmax(1) == y).all()  # the final iterate is correct again
+    assert (model(best).argmax(1) != y).all()  # the best one is not
+    assert torch.equal(pgd(model, x, y, **kw, best=True), best)
+    assert torch.equal(pgd(model, x, y, **kw), last)  # the default stays the final iterate
+    assert ((best - x).abs().amax() <= 0.1 + 1e-6) and best.min() >= 0 and best.max() <= 1
+
+
+def test_best_iterate_is_never_worse_than_the_final_one(toy):
+    model, x, y = toy
+    for seed in range(3):
+        kw = dict(eps=0.02, steps=5, alpha=0.02, gen=torch.Generator().manual_seed(seed))
+        best, last = pgd_iterates(model, x, y, **kw)
+        assert _acc(model, best, y) <= _acc(model, last, y)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.02, 8 / 255])
+def test_cw_breaks_an_undefended_model_at_least_as_well_as_pgd(toy, eps):
+    """The margin attack, as the evaluation runs it (probability margin, best iterate), must
+    not leave more images robust than PGD-CE with the same budget on an undefended model."""
+    model, x, y = toy
+    kw = dict(eps=eps, steps=10, best=True)
+    ce = _acc(model, pgd(model, x, y, **kw, loss="ce", gen=torch.Generator().manual_seed(0)), y)
+    cw = _acc(model, pgd(model, x, y, **kw, loss="cw-prob", gen=torch.Generator().manual_seed(0)), y)
+    assert cw <= ce

@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.eval_toys import Antithetic, Coin, Quantized, toy_data
-from training import sanity
+from tests.eval_toys import Antithetic, Coin, Hashed, Overshoot, Quantized, toy_data
+from training import eval_runner, sanity
 from training.attacks import eot_gradient, margin_loss
-from training.eval_attacks import AUTOATTACK_RAND, AttackSpec, check_threat_model, run_attack
+from training.eval_attacks import AUTOATTACK_RAND, AttackSpec, Found, check_threat_model, run_attack
 from training.eval_runner import EvalState, Scorer, clean_scores, run_attacks
+from training.eval_stats import diff_independent, diff_paired, paired_difference, wilson
 from training.eval_targets import Target
 
 EPS = {"linf": 0.1, "l2": 1.0, "flow": 1.0}
@@ -43,8 +44,9 @@ def test_each_attack_breaks_a_linear_model_inside_its_ball(name, norm):
     x, y, model = toy_data(n=24)
     steps = {"square": 1000, "fgsm": 1, "autoattack-rand": 20}.get(name, 20)
     spec = AttackSpec(name, norm, EPS[norm], steps, 1)
-    cands = run_attack(spec, model, x, y, seed=0)
-    for c in cands:
+    found = run_attack(spec, model, x, y, seed=0)
+    cands = found.cands
+    for c in found.all():
         check_threat_model(spec, x, c)  # raises if outside [0,1] or the ball
         d = (c - x).flatten(1)
         if norm == "linf":
@@ -80,8 +82,8 @@ def test_eot_averages_the_randomness_away():
     assert sanity.detect_randomized(model, x)[0]
     eps = 0.1
     base = AttackSpec("pgd", "linf", eps, 20)
-    without = accuracy(model.expected, run_attack(base, model, x, y, seed=0), y)
-    with_eot = accuracy(model.expected, run_attack(base.replace(eot=2), model, x, y, seed=0), y)
+    without = accuracy(model.expected, run_attack(base, model, x, y, seed=0).cands, y)
+    with_eot = accuracy(model.expected, run_attack(base.replace(eot=2), model, x, y, seed=0).cands, y)
     assert with_eot <= 0.2 < 0.7 <= without
 
 
@@ -91,19 +93,20 @@ def test_scoring_rules_on_known_odds():
     scorer = Scorer(target, samples=k, n=n, fixed_seed=1)
     x = torch.rand(n, 3, 8, 8)
     y = torch.zeros(n, dtype=torch.long)
-    s = scorer([x], y, torch.arange(n), seed=2).means()
+    s = scorer.score(x, y, torch.arange(n), seed=2).means()
     assert abs(s["single"] - 0.7) < 0.05  # one draw: right 70% of the time
     assert abs(s["fixed"] - 0.7) < 0.08  # one fixed draw per image: the same odds
     assert s["vote"] > 0.9  # majority of 15 draws at 70%: right ~95% of the time
-    # Two candidates: the one with the smaller vote margin is kept, per image.
+    # Candidates: per image the one with the smaller vote margin (on the selection draws).
     wrong = Target("pipeline", classifier=torch.nn.Identity(), pipeline=Coin(p=0.05), spec=Coin(0.7).spec)
-    mixed = Scorer(wrong, samples=k, n=n, fixed_seed=1)([x, x], y, torch.arange(n), seed=2)
+    sc = Scorer(wrong, samples=k, n=n, fixed_seed=1)
+    mixed = sc.score(sc.choose([x, x], y, seed=3), y, torch.arange(n), seed=2)
     assert mixed.means()["vote"] < 0.05
     # A deterministic model: the three rules coincide.
     _, _, lin = toy_data(n=4)
     det = Scorer(Target("undefended", lin), samples=k, n=4, fixed_seed=1)
     xd, yd, _ = toy_data(n=4)
-    r = det([xd], yd, torch.arange(4), seed=0)
+    r = det.score(xd, yd, torch.arange(4), seed=0)
     assert torch.equal(r.vote, r.single) and torch.equal(r.vote, r.fixed)
 
 
@@ -172,10 +175,78 @@ def test_autoattack_rand_on_a_tiny_stochastic_pipeline():
     calls = []
     cands = run_attack(
         spec, model, x, y, seed=3, still_robust=lambda c: calls.append(c) or torch.ones(6, dtype=torch.bool)
-    )
+    ).cands
     assert torch.equal(rng, torch.get_rng_state())  # pyautoattack's reseeding stayed inside
     assert len(cands) == 4 and len(calls) == 1  # CE best/last + DLR best/last; DLR after CE
     for c in cands:
         check_threat_model(spec, x, c)
     run_attack(AttackSpec("pgd", "linf", 8 / 255, 2, 2), model, x, y, seed=0)
     assert not any(m.training for m in pipe.modules())  # BatchNorm stays in eval mode
+
+
+def test_wilson_intervals_known_values():
+    lo, hi = wilson(0, 10)
+    assert lo == 0 and hi == pytest.approx(1.959964**2 / (10 + 1.959964**2), abs=1e-6)  # 0.2775
+    assert wilson(5, 10) == pytest.approx((0.236593, 0.763407), abs=1e-6)
+    assert wilson(10, 10) == pytest.approx((1 - 0.277533, 1.0), abs=1e-6)
+    assert wilson(0, 512)[1] == pytest.approx(0.007447, abs=1e-6)  # 0 of 512 robust: up to 0.74%
+    assert wilson(256, 512) == pytest.approx((0.456852, 0.543148), abs=1e-6)
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_difference_intervals():
+    # Newcombe (1998, Stat. Med. 17:873), method 10, his examples: 56/70 - 48/80 and 9/10 - 3/10.
+    assert diff_independent(56, 70, 48, 80) == pytest.approx((0.2, 0.0524, 0.3339), abs=1e-4)
+    assert diff_independent(9, 10, 3, 10) == pytest.approx((0.6, 0.1705, 0.8090), abs=1e-4)
+    # Paired with no correlation between the pairs (ad = bc): the independent interval.
+    assert diff_paired(10, 10, 10, 10) == pytest.approx(diff_independent(20, 40, 20, 40), abs=1e-12)
+    # Positively correlated pairs: narrower than the independent interval, same estimate.
+    d, lo, hi = diff_paired(40, 6, 1, 13)
+    di, loi, hii = diff_independent(46, 60, 41, 60)
+    assert d == pytest.approx(di) and loi < lo < d < hi < hii
+    same = paired_difference(torch.tensor([1.0, 0, 1, 1]), torch.tensor([1.0, 0, 1, 1]))
+    assert same["difference"] == 0 and same["ci95"][0] < 0 < same["ci95"][1]
+
+
+def test_candidates_are_chosen_on_draws_apart_from_the_scoring_draws(monkeypatch):
+    """Four candidates, each right on 70% of draws, unrelated across candidates (Hashed). Picking
+    per image the candidate the scoring draws misjudge would report ~0.7^4 = 24%; choosing on
+    separate draws and then scoring the choice gives ~70%, the odds of any one candidate."""
+    n = 300
+    pipe = Hashed(p=0.7)
+    target = Target("pipeline", classifier=torch.nn.Identity(), pipeline=pipe, spec=pipe.spec)
+    scorer = Scorer(target, samples=1, n=n, fixed_seed=1)
+    x, y = 0.9 * torch.rand(n, 3, 8, 8), torch.zeros(n, dtype=torch.long)
+    cands = [x + 0.0137 * i for i in range(4)]
+    monkeypatch.setattr(eval_runner, "run_attack", lambda *a, **kw: Found(list(cands)))
+    seen = {"choose": [], "score": []}
+    choose, score = Scorer.choose, Scorer.score
+
+    def spy_choose(self, c, yy, seed):
+        seen["choose"].append(seed)
+        return choose(self, c, yy, seed)
+
+    def spy_score(self, xx, yy, idx, seed):
+        seen["score"].append(seed)
+        return score(self, xx, yy, idx, seed)
+
+    monkeypatch.setattr(Scorer, "choose", spy_choose)
+    monkeypatch.setattr(Scorer, "score", spy_score)
+    clean = eval_runner.Scores(*(torch.ones(n) for _ in range(3)))
+    spec = AttackSpec("square", "linf", 0.1, 10)
+    kw = dict(name="t", seed=0, batch_size=n)
+    (o,) = run_attacks((spec,), target, x, y, clean, scorer, EvalState(None, {}), **kw)
+    assert not set(seen["choose"]) & set(seen["score"])
+    assert 0.6 < float(o.after.vote.mean()) < 0.8
+    biased = torch.stack([scorer.score(c, y, torch.arange(n), seed=5).vote for c in cands]).amin(0)
+    assert float(biased.mean()) < 0.35  # what selecting on the scoring draws would have reported
+
+
+def test_final_and_best_iterate_are_both_reported():
+    model = Overshoot()
+    x, y = torch.full((4, 3, 4, 4), 0.5), torch.zeros(4, dtype=torch.long)
+    spec = AttackSpec("pgd", "linf", 0.1, steps=3, alpha=0.03)
+    found = run_attack(spec, model, x, y, seed=0)
+    assert found.final is not None and len(found.cands) == 1
+    (o,) = _run(model, (spec,), x, y)
+    assert float(o.after.vote.mean()) <= float(o.after_final.vote.mean())

@@ -4,8 +4,11 @@ Every attack gets the model as an attacker sees it (x -> logits, fresh randomnes
 call) and returns *candidate* adversarial examples inside the threat model; the evaluator scores
 them afterwards by the service's rule (training/eval_runner.py). How each handles randomness:
 
-* ``fgsm``, ``pgd`` (cross-entropy) and ``cw`` (PGD on the Carlini-Wagner margin): exact
-  gradients averaged over ``eot`` draws per step (training/attacks.py); final iterate.
+* ``fgsm``, ``pgd`` (cross-entropy) and ``cw`` (PGD on the Carlini-Wagner margin, taken on
+  the softmax probabilities: ``attacks.prob_margin_loss``): exact
+  gradients averaged over ``eot`` draws per step (training/attacks.py). They return the best
+  iterate per image, chosen on the attack's own EOT-averaged logits (``pgd_iterates``), as the
+  candidate, and the final iterate beside it (``Found.final``), reported for comparison.
 * ``autoattack-rand``: pyautoattack's APGD-CE then APGD-DLR with the ``version='rand'``
   settings (1 restart, 100 iterations, EOT 20; see ``AUTOATTACK_RAND``). APGD sums gradients
   over ``eot_iter`` calls of the model, each a fresh draw. Its own success bookkeeping looks at
@@ -17,7 +20,7 @@ them afterwards by the service's rule (training/eval_runner.py). How each handle
   which makes its accept/reject decisions less noisy on a randomized model.
 * ``flow``: a spatial attack never used in training: each pixel is resampled (bilinear) from a
   spot displaced by at most ``eps`` pixels; the flow field follows EOT-averaged sign gradients of
-  the CW margin. The "unseen" column.
+  the CW margin; best and final iterate as for PGD. The "unseen" column.
 
 pyautoattack seeds torch's global RNG for its random starts and queries; here that happens
 inside ``torch.random.fork_rng``, so the caller's global RNG is left as it was.
@@ -34,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.attacks import eot_gradient, eval_mode, fgsm, pgd
+from training.attacks import better_iterate, eot_gradient, eval_mode, fgsm, iterate_key, pgd_iterates
 
 log = logging.getLogger("atop.eval.attacks")
 
@@ -46,6 +49,19 @@ AUTOATTACK_RAND = {"attacks": ("apgd-ce", "apgd-dlr"), "n_iter": 100, "n_restart
 APGD_RHO = 0.75
 SQUARE_P_INIT = 0.8  # AutoAttack's Square setting (p_init=.8, resc_schedule=False)
 Candidates = list[torch.Tensor]
+
+
+@dataclass
+class Found:
+    """What an attack returns. ``cands``: candidate adversarial examples; per image the runner
+    keeps one, chosen on draws of its own (never the scoring draws). ``final``: for the stepped
+    attacks, the final iterate, scored and reported beside the best iterate."""
+
+    cands: Candidates
+    final: torch.Tensor | None = None
+
+    def all(self) -> Candidates:
+        return self.cands + ([] if self.final is None else [self.final])
 
 
 STEPPED = ("pgd", "cw", "flow")  # the attacks that take a fixed step size (alpha)
@@ -187,16 +203,29 @@ def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def flow_attack(model, x, y, *, eps: float, steps: int, eot: int, alpha: float, gen) -> Candidates:
+def flow_attack(model, x, y, *, eps: float, steps: int, eot: int, alpha: float, gen) -> Found:
     """Spatial attack: a flow field bounded by ``eps`` pixels per pixel (ℓ∞ on the flow),
-    random start, ``steps`` sign steps on the EOT-averaged CW-margin gradient."""
+    random start, ``steps`` sign steps on the EOT-averaged CW-margin gradient. Best iterate
+    (on the attack's own EOT-averaged logits, as ``pgd_iterates``) and final iterate."""
     b, _, h, w = x.shape
     flow = (torch.rand(b, h, w, 2, generator=gen) * 2 - 1).to(x.device) * eps
+    best, best_key = flow, None
     with eval_mode(model):
         for _ in range(steps):
-            g, _ = eot_gradient(lambda f: model(warp(x, f)), flow, y, eot=eot, loss="cw")
+            g, logits = eot_gradient(lambda f: model(warp(x, f)), flow, y, eot=eot, loss="cw")
+            key = iterate_key(logits, y, "cw")
+            if best_key is None:
+                best_key = key
+            else:
+                pick = better_iterate(key, best_key)
+                best = torch.where(pick.view(-1, 1, 1, 1), flow, best)
+                best_key = tuple(torch.where(pick, a, c) for a, c in zip(key, best_key, strict=True))
             flow = (flow + alpha * g.sign()).clamp(-eps, eps).detach()
-    return [warp(x, flow).detach()]
+        with torch.no_grad():
+            logits = sum(model(warp(x, flow)) for _ in range(eot)) / eot
+        pick = better_iterate(iterate_key(logits, y, "cw"), best_key)
+        best = torch.where(pick.view(-1, 1, 1, 1), flow, best)
+    return Found([warp(x, best).detach()], final=warp(x, flow).detach())
 
 
 def run_attack(
@@ -207,23 +236,26 @@ def run_attack(
     *,
     seed: int,
     still_robust: Callable[[Candidates], torch.Tensor] | None = None,
-) -> Candidates:
+) -> Found:
     """Candidate adversarial examples for (x, y); all inside the threat model of ``spec``."""
     gen = torch.Generator().manual_seed(seed)
     if spec.name == "fgsm":
-        return [fgsm(model, x, y, eps=spec.eps, norm=spec.norm, eot=spec.eot)]
+        return Found([fgsm(model, x, y, eps=spec.eps, norm=spec.norm, eot=spec.eot)])
     if spec.name in ("pgd", "cw"):
-        loss = "ce" if spec.name == "pgd" else "cw"
+        loss = "ce" if spec.name == "pgd" else "cw-prob"  # see attacks.prob_margin_loss
         kw = dict(eps=spec.eps, steps=spec.steps, alpha=spec.step_size(), norm=spec.norm, eot=spec.eot)
-        return [pgd(model, x, y, **kw, loss=loss, gen=gen)]
+        best, last = pgd_iterates(model, x, y, **kw, loss=loss, gen=gen)
+        return Found([best], final=last)
     if spec.name == "flow":
         return flow_attack(
             model, x, y, eps=spec.eps, steps=spec.steps, eot=spec.eot, alpha=spec.step_size(), gen=gen
         )
     if spec.name == "autoattack-rand":
         kw = dict(norm=spec.norm, eps=spec.eps, n_iter=spec.steps, eot=spec.eot, seed=seed)
-        return autoattack_rand(model, x, y, **kw, still_robust=still_robust)
-    return square(model, x, y, norm=spec.norm, eps=spec.eps, queries=spec.steps, eot=spec.eot, seed=seed)
+        return Found(autoattack_rand(model, x, y, **kw, still_robust=still_robust))
+    return Found(
+        square(model, x, y, norm=spec.norm, eps=spec.eps, queries=spec.steps, eot=spec.eot, seed=seed)
+    )
 
 
 def check_threat_model(spec: AttackSpec, x: torch.Tensor, x_adv: torch.Tensor, tol: float = 1e-5) -> None:

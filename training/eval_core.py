@@ -17,6 +17,7 @@ from training.data import batches, load_split
 from training.eval_attacks import NORM_NAMES, AttackSpec
 from training.eval_protocol import Protocol
 from training.eval_runner import EvalState, Outcome, Scorer, Scores, clean_scores, derive_seed, run_attacks
+from training.eval_stats import interval, paired_difference, wilson
 from training.eval_targets import Target
 
 log = logging.getLogger("atop.eval")
@@ -29,6 +30,15 @@ SCORING = {
 
 
 DETERMINISTIC = {r: "argmax of the logits (a deterministic model: the three rules coincide)" for r in SCORING}
+# Bumped when the meaning of the per-image results in a state file changes, so that an older
+# state file is refused rather than mixed in (2: best iterate, selection draws apart from the
+# scoring draws).
+EVALUATOR_VERSION = 2
+INTERVALS = "95% Wilson score intervals (ci95) on the images attacked; differences: Newcombe"
+ITERATE = (
+    "pgd, cw, flow: headline = best iterate per image (highest EOT-averaged loss, misclassified "
+    "first, on the attack's own draws); accuracy_final_iterate = the last iterate, same scoring"
+)
 
 
 @torch.no_grad()
@@ -46,7 +56,15 @@ def clean_accuracy(target: Target, test, n: int, seed: int, device: str = "cpu",
         for _ in range(samples - 1):
             probs += model(x).softmax(1)
         answer += float((probs.argmax(1).cpu() == y).sum())
-    return {"n": len(split), "accuracy": first / len(split), "answer": answer / len(split)}
+    n_split = len(split)
+    ci = [round(v, 6) for v in wilson(first, n_split)]
+    return {
+        "n": n_split,
+        "accuracy": first / n_split,
+        "answer": answer / n_split,
+        "ci95": ci,
+        "answer_ci95": [round(v, 6) for v in wilson(answer, n_split)],
+    }
 
 
 def measure_cost(target: Target, x: torch.Tensor, y: torch.Tensor, samples: int) -> dict:
@@ -82,7 +100,7 @@ def measure_cost(target: Target, x: torch.Tensor, y: torch.Tensor, samples: int)
 def entry(o: Outcome, n: int, randomized: bool) -> dict:
     m = o.after.means()
     s = o.spec
-    return {
+    row = {
         "attack": o.label,
         "name": s.name,
         "norm": NORM_NAMES[s.norm],
@@ -91,9 +109,12 @@ def entry(o: Outcome, n: int, randomized: bool) -> dict:
         "eot": s.eot,
         "n_images": n,
         "accuracy": m["vote"],
+        "ci95": interval(o.after.vote),
         "accuracy_single_draw": m["single"],
         "accuracy_fixed_randomness": m["fixed"],
         "step_size": s.step_size(),
+        "iterate": "best" if o.final is not None else None,
+        "accuracy_final_iterate": None,
         "cascade_after": o.cascade_after,
         "attacked": len(o.targets),
         "broken": int((o.alone.vote < 0.5).sum()),
@@ -103,6 +124,11 @@ def entry(o: Outcome, n: int, randomized: bool) -> dict:
         else ("exact through RT, purifier and classifier, EOT-averaged" if randomized else "exact"),
         "wall_s": o.wall_s,
     }
+    if o.after_final is not None:
+        row["accuracy_final_iterate"] = o.after_final.means()["vote"]
+        row["ci95_final_iterate"] = interval(o.after_final.vote)
+        row["final_minus_best"] = paired_difference(o.after_final.vote, o.after.vote)
+    return row
 
 
 def worst_cases(outcomes: list[Outcome], clean: Scores) -> list[dict]:
@@ -119,6 +145,8 @@ def worst_cases(outcomes: list[Outcome], clean: Scores) -> list[dict]:
                 "eps": group[0].spec.eps,
                 "attacks": [o.label for o in group],
                 "accuracy": m["vote"],
+                "ci95": interval(w.vote),
+                "n_images": len(w.vote),
                 "accuracy_single_draw": m["single"],
                 "accuracy_fixed_randomness": m["fixed"],
             }
@@ -181,6 +209,7 @@ def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> d
     sanity.eot_policy(proto.attacks + proto.sweep, detected, cfg.force)
     identity = {"source": target.source, "role": target.role, "rt": target.spec and target.spec.to_dict()}
     identity |= {k: getattr(cfg, k) for k in ("data", "n", "seed", "samples", "batch_size")}
+    identity["evaluator"] = EVALUATOR_VERSION
     state = EvalState(state_path, identity)
     scorer = Scorer(target, cfg.samples, n, derive_seed(cfg.seed, "fixed"), cfg.device)
     clean = clean_scores(scorer, x, y, state, "main", cfg.seed, cfg.batch_size)
@@ -212,15 +241,17 @@ def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> d
     big = clean_accuracy(target, test, cfg.clean_n, cfg.seed, cfg.device, k)
     return {
         "clean_accuracy": big["accuracy"],
+        "clean_ci95": big["ci95"],
         "n_images": big["n"],
         "clean_protocol": "top-1, one fresh RT draw per image (the mean over the randomness)",
         "clean_accuracy_answer": {"accuracy": big["answer"], "samples": k, "n_images": big["n"]}
+        | {"ci95": big["answer_ci95"]}
         | {"rule": SCORING["vote"].format(k=k) if detected else DETERMINISTIC["vote"]},
-        "clean_accuracy_subset": clean.means() | {"n_images": n},
+        "clean_accuracy_subset": clean.means() | {"n_images": n, "ci95": interval(clean.vote)},
         "target": {"role": target.role, "description": target.description, "randomized": detected}
         | {"source": target.source, "rt": target.spec.to_dict() if target.spec else None},
         "scoring": ({r: t.format(k=k) for r, t in SCORING.items()} if detected else DETERMINISTIC)
-        | {"samples": k, "headline": "vote"},
+        | {"samples": k, "headline": "vote", "iterate": ITERATE, "intervals": INTERVALS},
         "protocol": proto.to_dict() | {"n_images": n, "subset_seed": cfg.seed},
         "robust": [entry(o, n, detected) for o in main],
         "worst_case": worst_cases(main, clean),

@@ -142,7 +142,8 @@ def custom(
 def _work(spec: AttackSpec, samples: int) -> tuple[float, float]:
     """(gradient passes, forward passes) per attacked image, upper bounds (no early stops)."""
     cands = {"autoattack-rand": 4}.get(spec.name, 1)
-    score = samples * (cands + (2 if spec.name == "autoattack-rand" else 0))
+    # scoring (+ the final iterate of stepped attacks; + selection draws over several candidates)
+    score = samples * (cands + 1 + (2 if spec.name == "autoattack-rand" else 0))
     if spec.name == "square":
         return 0.0, spec.steps * spec.eot + score
     if spec.name == "fgsm":

@@ -12,6 +12,20 @@ def pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
 
+def ci_text(ci: list[float] | None) -> str:
+    """A 95% interval as "[a–b]" in percent (empty when absent, as in older result files)."""
+    return "" if not ci else f" [{100 * ci[0]:.1f}–{100 * ci[1]:.1f}]"
+
+
+def final_text(r: dict) -> str:
+    """The final-iterate figure of a stepped attack (best iterate is the headline)."""
+    if r.get("accuracy_final_iterate") is None:
+        return "–"
+    d = r.get("final_minus_best")
+    delta = f" (+{100 * d['difference']:.1f} pts)" if d and d["difference"] > 0 else ""
+    return f"{pct(r['accuracy_final_iterate'])}{delta}"
+
+
 def eps_text(norm: str, eps: float) -> str:
     if norm == "Linf":
         return f"{eps * 255:.3g}/255"
@@ -36,29 +50,36 @@ def markdown(result: dict) -> str:
         "",
         f"* Source: {', '.join(f'{k}=`{v}`' for k, v in t['source'].items())}; randomized: {'yes' if t['randomized'] else 'no'}"
         + (f"; RT {t['rt']}" if t["rt"] else ""),
-        f"* Clean accuracy: {pct(result['clean_accuracy'])} on {result['n_images']} test images "
-        f"(one fresh draw each){answer_text(result.get('clean_accuracy_answer'))}; on the attacked "
-        f"subset ({sub['n_images']} images, seed {p['subset_seed']}): {pct(sub['vote'])} by vote.",
+        f"* Clean accuracy: {pct(result['clean_accuracy'])}{ci_text(result.get('clean_ci95'))} on "
+        f"{result['n_images']} test images (one fresh draw each)"
+        f"{answer_text(result.get('clean_accuracy_answer'))}; on the attacked subset ({sub['n_images']} "
+        f"images, seed {p['subset_seed']}): {pct(sub['vote'])}{ci_text(sub.get('ci95'))} by vote.",
         f"* Protocol: `{p['preset']}`. Attacks of one threat model cascade in the order listed (each "
         "sees only the images still robust); 'alone' rows attack every clean-correct image.",
         f"* Scoring (headline = vote): vote: {result['scoring']['vote']}; single: "
         f"{result['scoring']['single']}; fixed: {result['scoring']['fixed']}.",
+        "* Robust (vote) is the best iterate for pgd, cw and flow (per image, the iterate the attack "
+        "scored highest on its own draws); 'final iterate' is the last one, on the same scoring draws. "
+        "Brackets: 95% Wilson intervals over the attacked subset.",
         "",
-        "| attack | threat | steps | EOT | step size | attacked | after | robust (vote) | single draw | fixed draw | wall |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| attack | threat | steps | EOT | step size | attacked | after | robust (vote) [95% CI] | final iterate "
+        "| single draw | fixed draw | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["robust"]:
         step = "adaptive" if r["step_size"] is None else f"{r['step_size']:.4g}"
         after = " → ".join(r["cascade_after"]) if r["cascade_after"] else "alone"
         lines.append(
             f"| {r['attack']} | {r['norm']} {eps_text(r['norm'], r['eps'])} | {r['steps']} | {r['eot']} | {step} "
-            f"| {r['attacked']} | {after} | **{pct(r['accuracy'])}** | {pct(r['accuracy_single_draw'])} "
+            f"| {r['attacked']} | {after} | **{pct(r['accuracy'])}**{ci_text(r.get('ci95'))} | {final_text(r)} "
+            f"| {pct(r['accuracy_single_draw'])} "
             f"| {pct(r['accuracy_fixed_randomness'])} | {r['wall_s']:.0f} s |"
         )
     lines += ["", "Worst case per threat model (robust to every attack listed):", ""]
     for w in result["worst_case"]:
         lines.append(
-            f"* {w['norm']} {eps_text(w['norm'], w['eps'])}: **{pct(w['accuracy'])}** ({', '.join(w['attacks'])})"
+            f"* {w['norm']} {eps_text(w['norm'], w['eps'])}: **{pct(w['accuracy'])}**{ci_text(w.get('ci95'))} "
+            f"({', '.join(w['attacks'])})"
         )
     if result["sweep"]:
         sw = result["sweep"][0]
@@ -66,11 +87,12 @@ def markdown(result: dict) -> str:
             "",
             f"## ε sweep ({sw['attack']}, {sw['steps']} steps, EOT {sw['eot']}, {sw['n_images']} images)",
             "",
-            "| threat | robust (vote) | single draw |",
-            "|---|---|---|",
+            "| threat | robust (vote) [95% CI] | final iterate | single draw |",
+            "|---|---|---|---|",
         ]
         lines += [
-            f"| {r['norm']} {eps_text(r['norm'], r['eps'])} | {pct(r['accuracy'])} | {pct(r['accuracy_single_draw'])} |"
+            f"| {r['norm']} {eps_text(r['norm'], r['eps'])} | {pct(r['accuracy'])}{ci_text(r.get('ci95'))} "
+            f"| {final_text(r)} | {pct(r['accuracy_single_draw'])} |"
             for r in result["sweep"]
         ]
     lines += ["", "## Sanity checks", "", "| check | status | detail |", "|---|---|---|"]

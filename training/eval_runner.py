@@ -10,7 +10,12 @@ Scoring (``Scorer``): each final adversarial example is judged three ways, per i
 
 An attack may return several candidates per image (APGD's best-loss and last-misclassified
 points); per image the one with the smallest vote margin is kept, as an attacker able to query
-the service would do. The same k draws score every candidate (common random numbers).
+the service would do, but that margin is measured on a *selection* set of k draws (its own seed)
+and the chosen candidate is then scored on the scoring draws. Choosing with the scoring draws
+would pick, per image, whichever candidate those particular draws happened to misjudge: a
+figure biased low, and a robustness claim that selected on its own random numbers. PGD, CW and
+flow return one candidate (their best iterate, picked on the attack's own EOT logits) and their
+final iterate, scored with the same scoring draws and reported beside (``final``).
 
 State: after every batch the per-image results go to a JSON state file (atomic replace). A run
 that stops, for any reason, continues from the last finished batch; every random number of a
@@ -33,7 +38,7 @@ from pathlib import Path
 import torch
 
 from training.attacks import margin_loss
-from training.eval_attacks import AttackSpec, check_threat_model, run_attack
+from training.eval_attacks import STEPPED, AttackSpec, check_threat_model, run_attack
 from training.eval_targets import Target
 from training.transforms import RTSample, sample_rt
 
@@ -96,27 +101,40 @@ class Scorer:
         return sub
 
     @torch.no_grad()
-    def __call__(self, cands: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, seed: int) -> Scores:
-        best: Scores | None = None
-        best_margin = None
+    def choose(self, cands: list[torch.Tensor], y: torch.Tensor, seed: int) -> torch.Tensor:
+        """Per image the candidate with the smallest vote margin under k draws from ``seed``:
+        the selection draws, which must not be the draws that score the result."""
+        if len(cands) == 1:
+            return cands[0]
+        best, best_margin = None, None
         for c in cands:
-            s, margin = self._one(c, y, idx, seed)
+            margin = self._margin(c, y, seed)
             if best is None:
-                best, best_margin = s, margin
+                best, best_margin = c, margin
                 continue
             pick = margin < best_margin
-            best = Scores(*(torch.where(pick, a, b) for a, b in zip(s.rows(), best.rows(), strict=True)))
+            best = torch.where(pick.view(-1, *([1] * (c.dim() - 1))), c, best)
             best_margin = torch.minimum(margin, best_margin)
         return best
 
-    def _one(
-        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, seed: int
-    ) -> tuple[Scores, torch.Tensor]:
+    def _margin(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
         t = self.target
         if not t.randomized:
-            probs = t.classifier(x).softmax(1)
-            ok = (probs.argmax(1) == y).float()
-            return Scores(ok, ok, ok), -margin_loss(probs, y)
+            return -margin_loss(t.classifier(x).softmax(1), y)
+        gen = torch.Generator().manual_seed(seed)
+        probs = 0.0
+        for _ in range(self.samples):
+            d = sample_rt(t.spec, x.shape[0], gen, x.device)
+            probs = probs + t.pipeline(x, d.noise, d.masks).softmax(1)
+        return -margin_loss(probs / self.samples, y)
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, seed: int) -> Scores:
+        """Scores of the inputs ``x`` of images ``idx`` under k scoring draws from ``seed``."""
+        t = self.target
+        if not t.randomized:
+            ok = (t.classifier(x).argmax(1) == y).float()
+            return Scores(ok, ok, ok)
         gen = torch.Generator().manual_seed(seed)
         probs, single = 0.0, torch.zeros(x.shape[0], device=x.device)
         for _ in range(self.samples):
@@ -124,9 +142,8 @@ class Scorer:
             p = t.pipeline(x, d.noise, d.masks).softmax(1)
             probs, single = probs + p, single + (p.argmax(1) == y).float()
         fixed = t.pipeline(x, self.fixed.noise[idx], self.fixed.masks[idx]).argmax(1) == y
-        probs = probs / self.samples
         vote = (probs.argmax(1) == y).float()
-        return Scores(vote, single / self.samples, fixed.float()), -margin_loss(probs, y)
+        return Scores(vote, single / self.samples, fixed.float())
 
 
 def derive_seed(*parts) -> int:
@@ -145,7 +162,7 @@ class EvalState:
             if saved.get("identity") != identity:
                 raise ValueError(
                     f"{path}: the state file belongs to a different evaluation (other model, subset, "
-                    "seed, samples or batch size); delete it or choose another --out"
+                    "seed, samples, batch size or evaluator version); delete it or choose another --out"
                 )
             self.data = saved
             log.info("resuming from %s (%d sections)", path, len(saved["sections"]))
@@ -173,6 +190,8 @@ class Outcome:
     after: Scores
     cascade_after: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    final: Scores | None = None  # stepped attacks: the final iterate alone, on ``targets``
+    after_final: Scores | None = None  # ... and on all n, over the same cascade base
 
 
 def _bar(total: int, initial: int, desc: str):
@@ -187,7 +206,7 @@ def clean_scores(scorer: Scorer, x, y, state: EvalState, name: str, seed: int, b
         parts = []
         for b in range(0, len(y), bs):
             idx = torch.arange(b, min(b + bs, len(y)))
-            parts.append(scorer([x[idx]], y[idx], idx, derive_seed(seed, name, "clean", b)))
+            parts.append(scorer.score(x[idx], y[idx], idx, derive_seed(seed, name, "clean", b)))
         sec["scores"] = Scores.cat(parts).to_json()
         state.save()
     return Scores.from_json(sec["scores"])
@@ -230,21 +249,32 @@ def run_attacks(
             xb, yb = x[idx], y[idx]
 
             def still_robust(cands, yb=yb, idx=idx, s=s):
-                return scorer(cands, yb, idx, seed=s + 1).vote > 0.5
+                # The attack's own query (AutoAttack's cascade), on draws of its own.
+                return scorer.score(scorer.choose(cands, yb, s + 1), yb, idx, s + 1).vote > 0.5
 
-            cands = run_attack(spec, model, xb, yb, seed=s, still_robust=still_robust)
-            for c in cands:
+            found = run_attack(spec, model, xb, yb, seed=s, still_robust=still_robust)
+            for c in found.all():
                 check_threat_model(spec, xb, c)
-            res = scorer(cands, yb, idx, seed=s + 2)
-            sec["done"][str(b)] = res.to_json() | {"wall_s": round(time.time() - t0, 2)}
+            chosen = scorer.choose(found.cands, yb, derive_seed(s, "select"))
+            rec = scorer.score(chosen, yb, idx, s + 2).to_json()
+            if found.final is not None:
+                rec["final"] = scorer.score(found.final, yb, idx, s + 2).to_json()
+            sec["done"][str(b)] = rec | {"wall_s": round(time.time() - t0, 2)}
             state.save()
             bar.update(len(idx))
         bar.close()
-        alone = Scores.cat([Scores.from_json(sec["done"][str(b)]) for b in range(len(chunks))])
+        done = [sec["done"][str(b)] for b in range(len(chunks))]
+        alone = Scores.cat([Scores.from_json(d) for d in done])
         after = base.put(targets, base.take(targets).worst(alone))
-        wall = sum(sec["done"][str(b)]["wall_s"] for b in range(len(chunks)))
+        final = after_final = None
+        if spec.name in STEPPED:
+            final = Scores.cat([Scores.from_json(d["final"]) for d in done])
+            after_final = base.put(targets, base.take(targets).worst(final))
+        wall = sum(d["wall_s"] for d in done)
         labels = [e.label(target.randomized) for e in earlier]
-        outcomes.append(Outcome(spec, label, targets, alone, after, labels, round(wall, 1)))
+        outcomes.append(
+            Outcome(spec, label, targets, alone, after, labels, round(wall, 1), final, after_final)
+        )
         if spec.cascade:
             worst[spec.threat] = after
             history.setdefault(spec.threat, []).append(spec)
