@@ -244,3 +244,12 @@ def test_finetune_trains_in_bf16_and_logs_pass_through(data, tmp_path, tiny_ckpt
     assert atop(cmd.split()) == 0
     _check_run(tmp_path, "bf16", 1)
     assert "train_ce" in _epochs(tmp_path)[0]
+
+
+def test_a_robust_check_too_large_for_the_data_is_a_clear_error(data, tmp_path):
+    cfg = tc.TrainClassifierConfig(
+        data=str(data), out=str(tmp_path), depth=1, width=4, epochs=1, batch_size=16, adversarial="fgsm"
+    )
+    with pytest.raises(ValueError, match="smaller --robust-check"):
+        tc.run(cfg)  # the default holds out 256 of the 32 tiny training images
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -113,6 +113,11 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
     check = RobustCheck(images=cfg.robust_check, eps=cfg.adv_eps, seed=cfg.seed)
     held = None
     if cfg.adversarial != "none" and check.images:
+        if check.images > len(train) // 4:
+            raise ValueError(
+                f"--robust-check {check.images} would hold out more than a quarter of the"
+                f" {len(train)} training images; pass a smaller --robust-check (0 = no check)"
+            )
         train, held = train.hold_out(check.images, seed=cfg.seed)
         log.info(
             "robust check: PGD-%d on %d held-out training images after every epoch", check.steps, len(held)
