@@ -7,6 +7,11 @@ rows ("cost units"):
 * a batch is flushed when ``max_batch_size`` rows are waiting, or ``max_delay`` after the oldest
   waiting job arrived (as Triton: a job that already waited during the previous batch does not
   wait again);
+* the wait is adaptive: the batcher remembers how many jobs joined a batch while it waited
+  (a moving average). When waiting has stopped paying (fewer than half a job joins on average:
+  a lone client, or traffic too sparse to batch) a batch flushes at once instead of holding the
+  request for ``max_delay``; one batch in ``PROBE_EVERY`` still waits, so the batcher notices
+  when traffic returns. Under load the average stays high and batches keep filling;
 * a job larger than a batch is split across consecutive batches; no batch exceeds the cap;
 * the queue holds at most ``queue_size`` rows; beyond that ``submit`` raises ``QueueFull`` (an
   oversized job is still admitted into an empty queue, so it cannot be refused forever);
@@ -69,6 +74,10 @@ class Job:
         return len(self.image)
 
 
+PROBE_EVERY = 16  # with waiting off, every this many batches one still waits (re-measures)
+JOINERS_TO_WAIT = 0.5  # wait while at least this many jobs join a waiting batch on average
+
+
 class Batcher:
     def __init__(
         self,
@@ -91,6 +100,8 @@ class Batcher:
         self._wake = asyncio.Event()
         self._closing = False
         self._batch_s = 0.0  # moving average of a batch's inference time
+        self._joiners = 1.0  # moving average of the jobs that joined a batch while it waited
+        self._unprobed = 0  # batches flushed at once since the last one that waited
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"atop-infer-{name}")
         self._task: asyncio.Task | None = None
 
@@ -176,7 +187,8 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            flush_at = self._jobs[0].enqueued + self.max_delay
+            flush_at = self._jobs[0].enqueued + self._delay()
+            waits, before = flush_at > loop.time() and self.depth < self.max_batch, len(self._jobs)
             while self.depth < self.max_batch and not self._closing:
                 timeout = flush_at - loop.time()
                 if timeout <= 0:
@@ -186,9 +198,20 @@ class Batcher:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except TimeoutError:
                     break
+            if waits:
+                self._joiners = 0.7 * self._joiners + 0.3 * (len(self._jobs) - before)
             parts = self._take(loop.time())
             if parts:
                 await self._run(parts)
+
+    def _delay(self) -> float:
+        """How long the head job may wait for company: ``max_delay`` while waiting pays (or to
+        probe whether it does again), else nothing."""
+        if self._joiners >= JOINERS_TO_WAIT or self._unprobed >= PROBE_EVERY:
+            self._unprobed = 0
+            return self.max_delay
+        self._unprobed += 1
+        return 0.0
 
     async def _run(self, parts: list[tuple[Job, int, int]]) -> None:
         def cat(attr: str) -> np.ndarray:

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, BatcherClosed, DeadlineExceeded, InferenceFailed, QueueFull
+from service.batcher import PROBE_EVERY, Batcher, BatcherClosed, DeadlineExceeded, InferenceFailed, QueueFull
 from service.metrics import Metrics
 from tests.service_fixtures import histogram_buckets
 
@@ -79,6 +79,34 @@ def test_a_lone_request_waits_at_most_the_delay():
         job = await b.infer(*rows(1), timeout_s=5)
         waited = time.perf_counter() - t0
         assert 0.05 <= waited < 1.0 and fb.batches == [1] and job.batches == [1]
+        await b.aclose()
+
+    run(go())
+
+
+def test_a_lone_client_stops_paying_the_delay_and_concurrent_ones_still_batch():
+    """Closed loop, one request at a time: after a few batches in which nobody joined, requests
+    flush at once (one in PROBE_EVERY still waits, to notice traffic); then 8 concurrent
+    clients: the probe sees them join and batches fill again."""
+
+    async def go():
+        fb = FakeBackend()
+        b = await make(fb, max_batch_size=8, max_delay_ms=40)
+        waits = []
+        for i in range(20):
+            t0 = time.perf_counter()
+            await b.infer(*rows(1, i), timeout_s=5)
+            waits.append(time.perf_counter() - t0)
+        assert min(waits[:2]) >= 0.04  # waiting is the starting assumption
+        fast = [w for w in waits[6:] if w < 0.02]
+        assert len(fast) >= len(waits[6:]) - 1, waits  # at most the probe waited
+        async def client(i: int):
+            await asyncio.sleep(0.004 * i)  # staggered: only a batch that waits gathers them
+            await b.infer(*rows(1), timeout_s=5)
+
+        for _ in range(PROBE_EVERY + 2):  # concurrent traffic: found by a probe, then batched
+            await asyncio.gather(*(client(i) for i in range(6)))
+        assert fb.batches[-2:] == [6, 6], fb.batches[-20:]
         await b.aclose()
 
     run(go())
