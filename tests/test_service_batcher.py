@@ -100,6 +100,7 @@ def test_a_lone_client_stops_paying_the_delay_and_concurrent_ones_still_batch():
         assert min(waits[:2]) >= 0.04  # waiting is the starting assumption
         fast = [w for w in waits[6:] if w < 0.02]
         assert len(fast) >= len(waits[6:]) - 1, waits  # at most the probe waited
+
         async def client(i: int):
             await asyncio.sleep(0.004 * i)  # staggered: only a batch that waits gathers them
             await b.infer(*rows(1), timeout_s=5)

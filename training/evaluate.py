@@ -12,9 +12,10 @@ service's rule (vote over ``--samples`` draws), with single-draw and fixed-draw 
 it (training/eval_runner.py). Sanity checks run automatically (training/sanity.py); failures
 are printed as WARNING lines and stored in the ``sanity`` block. Everything is resumable: the
 state file ``<out>.state.json`` is rewritten after every batch. Outputs: ``<out>.json`` (the
-manifest's evaluation shape, merged with earlier runs into the same file), ``<out>.md`` and
-``<out>.svg`` (robust accuracy against ε). ``--record`` publishes the store version again with
-these numbers (training/eval_record.py).
+manifest's evaluation shape, merged with earlier runs into the same file), ``<out>.md``,
+``<out>.svg`` (robust accuracy against ε) and, with matplotlib installed and a sweep in the
+protocol, ``<out>.png`` (the same with 95% bands, training/eval_plot.py). ``--record``
+publishes the store version again with these numbers (training/eval_record.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from training import eval_protocol
 from training.eval_attacks import ATTACKS
 from training.eval_core import evaluate
+from training.eval_plot import report_png
 from training.eval_record import merge_robust, record
 from training.eval_report import markdown, svg_plot
 from training.eval_targets import DEFENSES, Target, from_checkpoints, from_store
@@ -129,7 +131,8 @@ def run(cfg: EvalConfig) -> dict:
         merged = write_merged(paths[".json"], result)
         paths[".md"].write_text(markdown(merged))
         paths[".svg"].write_text(svg_plot(merged))
-        log.info("wrote %s, .md, .svg", paths[".json"])
+        png = report_png(merged, paths[".png"])  # None: no sweep or no matplotlib
+        log.info("wrote %s, .md, .svg%s", paths[".json"], ", .png" if png else "")
     if cfg.record:
         mv = record(result, serving_samples=cfg.samples if cfg.serve_samples else None)
         result["recorded_as"] = {"model": mv.name, "version": mv.version, "path": str(mv.path)}
@@ -137,11 +140,11 @@ def run(cfg: EvalConfig) -> dict:
 
 
 def output_paths(out: str) -> dict[str, Path] | None:
-    """OUT.json, OUT.md, OUT.svg and OUT.state.json for ``--out OUT`` (or OUT.json)."""
+    """OUT.json, OUT.md, OUT.svg, OUT.png and OUT.state.json for ``--out OUT`` (or OUT.json)."""
     if not out:
         return None
     base = Path(out.removesuffix(".json"))
-    return {ext: base.with_name(base.name + ext) for ext in (".json", ".md", ".svg", ".state.json")}
+    return {ext: base.with_name(base.name + ext) for ext in (".json", ".md", ".svg", ".png", ".state.json")}
 
 
 def write_merged(path: Path, result: dict) -> dict:
@@ -181,7 +184,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a("--rt", choices=("rt1", "rt2", "rt3"), default="", help="RT kind for --defense rt without --purifier")
     a("--noise-std", type=float, default=d.noise_std, help="override the deployed noise σ (checkpoints only)")
-    a("--out", default=d.out, help="output prefix: writes OUT.json, OUT.md, OUT.svg, state OUT.state.json")
+    a("--out", default=d.out, help="output prefix: writes OUT.json/.md/.svg/.png, state OUT.state.json")
     a(
         "--preset",
         choices=eval_protocol.PRESETS,
