@@ -16,6 +16,7 @@ set: choosing the epoch on test images would be selection on the test set.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,29 +64,57 @@ def robust_accuracy(model: Model, split: Split, check: RobustCheck, batch_size: 
 
 
 class BestEpoch:
-    """Remembers the best ``robust_acc`` so far (across a resume: it reads ``best.json``)."""
+    """Which epoch ``best.safetensors`` holds: the most robust one, up to the check's noise.
+
+    The check measures a proportion on a few hundred images, so two epochs whose robust accuracy
+    differs by one image are not distinguishable. Among the epochs within one standard error
+    (sqrt(p(1-p)/n), p = the highest robust accuracy so far) of the most robust, the one with
+    the higher held-out clean accuracy is kept; an epoch that is more robust than the band
+    replaces the kept one outright. (With 256 images the band is about 3 points; a greedy
+    choice: only the current epoch can replace the kept one.) Survives a resume through
+    ``best.json``.
+    """
 
     def __init__(self, out: Path, check: RobustCheck):
         self.check = check
-        self.best = -1.0
+        self.top = -1.0  # the highest robust accuracy seen
+        self.kept: tuple[float, float] | None = None  # (robust, clean) of the kept epoch
         side = out / "best.json"
         if side.is_file():
             import json
 
-            self.best = float(json.loads(side.read_text())["metrics"].get("robust_acc", -1.0))
+            m = json.loads(side.read_text())["metrics"]
+            self.kept = (float(m.get("robust_acc", -1.0)), float(m.get("holdout_acc", -1.0)))
+            self.top = float(m.get("top_robust_acc", self.kept[0]))
 
-    def update(self, robust: float) -> tuple[bool, bool]:
-        """(is this the best epoch so far, has robustness collapsed: stop training)."""
-        improved = robust > self.best
-        collapsed = self.best > 0 and robust < self.check.collapse * self.best
-        if improved:
-            self.best = robust
+    @property
+    def best(self) -> float:
+        """Robust accuracy of the kept epoch."""
+        return self.kept[0] if self.kept else -1.0
+
+    def band(self, n: int) -> float:
+        p = min(max(self.top, 0.0), 1.0)
+        return math.sqrt(p * (1 - p) / max(n, 1))
+
+    def update(self, robust: float, clean: float = 0.0, n: int | None = None) -> tuple[bool, bool]:
+        """(keep this epoch as the best, has robustness collapsed: stop training)."""
+        self.top = max(self.top, robust)
+        low = self.top - self.band(n or self.check.images)
+        collapsed = robust < self.check.collapse * self.top
+        if self.kept is None or self.kept[0] < low:
+            keep = robust >= low
+        else:
+            keep = robust >= low and (
+                clean > self.kept[1] or (clean == self.kept[1] and robust > self.kept[0])
+            )
+        if keep:
+            self.kept = (robust, clean)
         if collapsed:
             log.warning(
                 "robust accuracy %.1f%% fell below %.0f%% of the best epoch's %.1f%%: catastrophic"
                 " overfitting; stopping, best.safetensors holds the best epoch",
                 100 * robust,
                 100 * self.check.collapse,
-                100 * self.best,
+                100 * self.top,
             )
-        return improved, collapsed
+        return keep, collapsed

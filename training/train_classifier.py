@@ -5,9 +5,9 @@ the adversarial-training (AT) baseline that the evaluation compares AToP against
 image of every batch adversarial: ``fgsm`` is fast AT (FGSM from a random start, step 1.25·ε,
 Wong et al. 2020), ``pgd`` is PGD-k AT (Madry et al.). Adversarial runs hold ``--robust-check``
 images out of the training split, measure PGD-10 accuracy on them after every epoch
-(``robust_acc``, see training/robust_check.py), keep the best epoch as ``best.safetensors`` and
-stop when robustness collapses (catastrophic overfitting), so ``best.safetensors`` is the AT
-model to use.
+(``robust_acc``, see training/robust_check.py), keep the best epoch as ``best.safetensors`` (the
+most robust, up to the check's noise; within that, the most accurate) and stop when robustness
+collapses (catastrophic overfitting), so ``best.safetensors`` is the AT model to use.
 
 ``--precision bf16`` (the default) runs the training step, attack included, under bf16
 autocast; the per-epoch checks stay fp32.
@@ -224,8 +224,9 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
             metrics["test_acc_purified"] = evaluate_purified(purifier, model, spec, split)["pipeline_acc"]
         if held is not None and info.main:
             r = robust_accuracy(model, held, check)
-            improved, collapsed = best.update(r["robust_acc"])
+            improved, collapsed = best.update(r["robust_acc"], r["clean_acc"], len(held))
             metrics.update(holdout_acc=r["clean_acc"], robust_acc=r["robust_acc"], collapsed=collapsed)
+            metrics["top_robust_acc"] = best.top
             if improved:
                 save("best.safetensors", step, step // max(1, len(train) // cfg.batch_size), metrics)
         return metrics
