@@ -29,6 +29,14 @@ def rt_copies(spec: dict) -> int:
     return int(spec["num_masks"]) if spec["kind"] == "rt3" else 1
 
 
+def rt_is_random(spec: dict) -> bool:
+    """Whether the RT draws anything: False for the identity RT (RT1/RT2 with no block missing
+    and no noise), with which a classifier that defends on its own is exported. Then every draw
+    is the same, and one draw is the whole answer."""
+    noise = spec["kind"] != "rt1" and float(spec.get("noise_std", 0)) > 0
+    return noise or spec["kind"] == "rt3" or float(spec.get("missing", 0)) > 0
+
+
 def sample_masks(spec: dict, batch: int, rng: np.random.Generator) -> np.ndarray:
     """Block masks [B, C, 1, H, W] float32, 1 = missing (same rule as training.transforms).
 

@@ -51,7 +51,8 @@ class ClassifyResponse(BaseModel):
     request_id: str
     model: ModelRef
     samples: int = Field(
-        description="RT draws averaged per image: the request's `samples`, else the version's default"
+        description="RT draws averaged per image: the request's `samples`, else the version's default;"
+        " 1 for a version whose RT is the identity (every draw would give the same answer)"
     )
     seed: int | None
     results: list[ImageResult]

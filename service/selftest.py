@@ -26,6 +26,7 @@ class Facts:
     image_size: int
     spec: dict
     samples: int = 1  # the manifest's serving.samples: draws per answer when a request says nothing
+    random: bool = True  # False: the RT is the identity, every draw is the same (contract.rt_is_random)
 
 
 def manifest_facts(manifest: dict) -> Facts:
@@ -42,6 +43,7 @@ def manifest_facts(manifest: dict) -> Facts:
         int(manifest["rt"]["image_size"]),
         dict(manifest["rt"]),
         serving_samples(manifest),
+        contract.rt_is_random(manifest["rt"]),
     )
 
 

@@ -110,6 +110,23 @@ def test_a_request_without_samples_gets_the_versions_default(tmp_path, tiny_vers
     assert "serving.samples=3 exceeds this server's max_samples=2" in caplog.text
 
 
+def test_a_version_without_randomness_computes_one_draw_whatever_samples_says(tmp_path):
+    """The identity RT (how a classifier that defends alone is exported): samples=8 would be 8
+    identical rows; the service computes one and says so."""
+    from tests.tiny_models import make_checkpoints
+    from training import export
+
+    root = tmp_path / "store"
+    c, _ = make_checkpoints(tmp_path / "ck", "rt2", num_classes=10)
+    export.run(export.ExportConfig(str(c), "none", str(root), name="cifar10-atop", formats=("onnx",)))
+    im = b64(png(seed=4))
+    with TestClient(create_app(make_settings(root))) as c:
+        eight = ok(c.post("/classify", json={"image": im, "top_k": 10, "samples": 8}))
+        again = ok(c.post("/classify", json={"image": im, "top_k": 10}))
+    assert eight["samples"] == 1 == sum(eight["timing"]["batch_rows"])
+    assert eight["results"] == again["results"]  # no randomness left: the same answer unseeded
+
+
 def test_probabilities_and_request_id(client):
     r = client.post(
         "/classify?top_k=10", content=png(), headers={"content-type": "image/png", "x-request-id": "abc-123"}

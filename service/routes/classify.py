@@ -64,7 +64,8 @@ async def classify(
     request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
 ) -> ClassifyResponse:
     """Options (query string or body): ``top_k``, ``samples`` (RT draws averaged, capped by the
-    server; default: the model version's ``serving.samples``), ``seed`` (reproducible randomness),
+    server; default: the model version's ``serving.samples``; a version without randomness
+    answers with one draw, which is the same answer), ``seed`` (reproducible randomness),
     ``deadline_ms`` (shorter than the server's)."""
     t0 = time.perf_counter()
     blobs, body_options = await parse_request(
@@ -76,6 +77,8 @@ async def classify(
     slot = registry.acquire()  # NotReady -> 503 (service.errors)
     # a request without `samples` gets the version's default (its manifest's serving.samples)
     samples = opts.samples if opts.samples is not None else slot.facts.samples
+    if not slot.facts.random:  # identity RT: every draw gives the same answer, so compute one
+        samples = 1
     try:  # the request finishes on the version it started with, even across a swap
         n, (rows, noise, masks) = await run_in_threadpool(
             _prepare, blobs, slot, samples, opts.seed, settings.max_pixels
