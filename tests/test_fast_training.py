@@ -262,11 +262,14 @@ def test_finetune_trains_in_bf16_and_logs_pass_through(data, tmp_path, tiny_ckpt
     clf, pur = tiny_ckpts
     cmd = (
         f"train finetune --data {data} --out {tmp_path} {TINY_PURIFIER} --classifier {clf} --purifier {pur}"
-        f" --adv {adv} --adv-steps 1 --epochs 1 --lam 1.0 --precision bf16"
+        f" --adv {adv} --adv-steps 1 --epochs 1 --lam 1.0 --precision bf16 --robust-check 8 --robust-eot 2"
     )
     assert atop(cmd.split()) == 0
     _check_run(tmp_path, "bf16", 1)
-    assert "train_ce" in _epochs(tmp_path)[0]
+    first = _epochs(tmp_path)[0]
+    assert "train_ce" in first and 0.0 <= first["robust_acc"] <= first["holdout_acc"] <= 1.0
+    best = load_checkpoint(tmp_path / "best.safetensors")  # the only epoch is the best so far
+    assert best.header["metrics"]["robust_acc"] == first["robust_acc"] and best.config["stage"] == "finetune"
 
 
 def test_a_robust_check_too_large_for_the_data_is_a_clear_error(data, tmp_path):

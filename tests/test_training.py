@@ -120,10 +120,11 @@ def test_finetune_lowers_the_classification_loss(data, tmp_path, classifier_ckpt
     cmd = (
         f"train finetune --data {data} --out {tmp_path} {TINY_PURIFIER} --classifier {classifier_ckpt} "
         f"--purifier {purifier_ckpt} --adv {adv} --adv-steps 2 --epochs 4 --batch-size 16 --lr 2e-3 "
-        "--lam 1.0 --threads 1"
+        "--lam 1.0 --threads 1 --robust-check 16"
     )
     assert atop_run(cmd) == 0
     log = _epochs(tmp_path)
+    assert all(0.0 <= e["robust_acc"] <= 1.0 for e in log)  # the per-epoch PGD x EOT check
     assert log[-1]["train_ce"] + log[-1]["train_l1"] < log[0]["train_ce"] + log[0]["train_l1"]
     ck = load_checkpoint(tmp_path / "final.safetensors")
     assert ck.config["stage"] == "finetune" and ck.config["rt"]["kind"] == "rt2"

@@ -31,6 +31,7 @@ FINETUNE_DEFAULTS = PurifierTrainConfig(
     adv="fgsm",
     noise_max=0.0,
     clean_fraction=0.5,
+    robust_check=256,
 )
 
 
@@ -45,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             ("adv_steps", "PGD steps (--adv pgd)"),
             ("adv_eot", "EOT draws per PGD step (--adv pgd)"),
             ("clean_fraction", "share of each batch kept clean"),
+            ("robust_check", "training images held out for the per-epoch PGD-10 x EOT check (0 = none)"),
+            ("robust_eot", "EOT draws per step of that check"),
         ],
     )
     p.add_argument("--classifier", required=True, help="frozen classifier checkpoint")

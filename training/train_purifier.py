@@ -39,6 +39,7 @@ from training.purifier import (
     pass_through,
     purify,
 )
+from training.robust_check import BestEpoch, RobustCheck, robust_accuracy
 from training.transforms import RTSpec, sample_rt
 
 log = logging.getLogger("atop.train.purifier")
@@ -73,6 +74,8 @@ class PurifierTrainConfig:
     eval_images: int = 1000
     pass_images: int = 256  # test images for the per-epoch pass-through / denoising check
     precision: str = "bf16"  # bf16 | fp32: autocast of the training step
+    robust_check: int = 0  # fine-tune: training images held out for the per-epoch PGD-10 x EOT check
+    robust_eot: int = 4  # EOT draws per step of that check
     seed: int = 0
     limit_train: int = 0
     limit_test: int = 0
@@ -127,6 +130,23 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
         classifier.requires_grad_(False)
     if cfg.stage == "finetune" and (classifier is None or not cfg.init):
         raise ValueError("fine-tuning needs --classifier and --purifier checkpoints")
+    check = RobustCheck(images=cfg.robust_check, eot=cfg.robust_eot, eps=cfg.adv_eps, seed=cfg.seed)
+    held = None
+    if cfg.stage == "finetune" and check.images:
+        if check.images > len(train) // 4:
+            raise ValueError(
+                f"--robust-check {check.images} would hold out more than a quarter of the"
+                f" {len(train)} training images; pass a smaller --robust-check (0 = no check)"
+            )
+        train, held = train.hold_out(check.images, seed=cfg.seed)
+        log.info(
+            "robust check: PGD-%d x EOT-%d through the whole pipeline on %d held-out training images"
+            " after every epoch",
+            check.steps,
+            check.eot,
+            len(held),
+        )
+    best = BestEpoch(out, check)
 
     G = UNetPurifier(PurifierConfig(cfg.width)).to(info.device, memory_format=cl)
     D = PatchDiscriminator(cfg.disc_width).to(info.device, memory_format=cl)
@@ -234,6 +254,17 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
         if info.main:
             res = evaluate(G, classifier, spec, test)
             res |= pass_through(G, spec, test, eps=cfg.adv_eps, images=cfg.pass_images, seed=cfg.seed + 4321)
+        if held is not None and info.main:
+            # The same images, random starts and RT draws every epoch: a fresh seeded generator.
+            target = StochasticPipeline(
+                DefendedPipeline(G, classifier, spec), torch.Generator().manual_seed(cfg.seed + 77)
+            )
+            r = robust_accuracy(target, held, check)
+            keep, collapsed = best.update(r["robust_acc"], r["clean_acc"], len(held))
+            res |= {"holdout_acc": r["clean_acc"], "robust_acc": r["robust_acc"], "top_robust_acc": best.top}
+            res["collapsed"] = collapsed
+            if keep:
+                save("best.safetensors", step, step // max(1, len(train) // cfg.batch_size), res)
         return {**{f"train_{k}": v for k, v in means.items()}, **res}
 
     loop = common.LoopSpec(
