@@ -59,6 +59,13 @@ CLF="$RUNS/classifier-ens-pur/final.safetensors"
 stage at-fast64 atop train classifier --data "$DATA" --arch fast --width 64 --depth 2 --epochs 18 \
   --batch-size 256 --lr 0.2 --warmup 0.2 --adversarial fgsm
 
+# AToP over the AT classifier: the pre-trained purifier fine-tuned with the AT f frozen, every
+# image of every batch PGD-3 through the whole pipeline, 15 epochs on one schedule, the per-epoch
+# PGD-10 x EOT-4 check on 256 held-out images. ~6.5 min per epoch alone on 2 cores (bf16).
+# (Started 2026-12-04; the first epochs are in artifacts/cifar10-cpu/atop-at.*.)
+stage atop-at atop train finetune --data "$DATA" --classifier "$RUNS/at-fast64/final.safetensors" \
+  --purifier "$PUR" --adv pgd --adv-steps 3 --adv-eot 1 --clean-fraction 0 --lam 2.0 --lr 3e-4 --epochs 15
+
 # AToP: the pre-trained purifier fine-tuned against that frozen f (v4).
 stage finetune atop train finetune --data "$DATA" --epochs 2 --adv pgd --adv-steps 3 --adv-eot 1 --lam 0.5 \
   --lr 3e-4 --clean-fraction 0.5 --noise-std 0.0625 --classifier "$CLF" --purifier "$PUR"

@@ -38,6 +38,24 @@ class RobustCheck:
     collapse: float = 0.5  # stop when robust accuracy falls below this share of the best
 
 
+def hold_out(train: Split, check: RobustCheck) -> tuple[Split, Split]:
+    """(the training images, the check's held-out ones); refused when the check would take more
+    than a quarter of the data (tiny data sets: pass a smaller --robust-check)."""
+    if check.images > len(train) // 4:
+        raise ValueError(
+            f"--robust-check {check.images} would hold out more than a quarter of the"
+            f" {len(train)} training images; pass a smaller --robust-check (0 = no check)"
+        )
+    train, held = train.hold_out(check.images, seed=check.seed)
+    log.info(
+        "robust check: PGD-%d x EOT-%d on %d held-out training images after every epoch",
+        check.steps,
+        check.eot,
+        len(held),
+    )
+    return train, held
+
+
 @torch.no_grad()
 def robust_accuracy(model: Model, split: Split, check: RobustCheck, batch_size: int = 256) -> dict:
     """{'clean_acc', 'robust_acc'} of ``model`` on ``split`` under the check's PGD (fp32)."""

@@ -40,7 +40,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from training import common
+from training import common, robust_check
 from training.attacks import fgsm_rs, pgd
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.classifier import ClassifierConfig, build_classifier, load_classifier
@@ -113,15 +113,7 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
     check = RobustCheck(images=cfg.robust_check, eps=cfg.adv_eps, seed=cfg.seed)
     held = None
     if cfg.adversarial != "none" and check.images:
-        if check.images > len(train) // 4:
-            raise ValueError(
-                f"--robust-check {check.images} would hold out more than a quarter of the"
-                f" {len(train)} training images; pass a smaller --robust-check (0 = no check)"
-            )
-        train, held = train.hold_out(check.images, seed=cfg.seed)
-        log.info(
-            "robust check: PGD-%d on %d held-out training images after every epoch", check.steps, len(held)
-        )
+        train, held = robust_check.hold_out(train, check)
     best = BestEpoch(out, check)
     if cfg.limit_test:
         test = test.subset(cfg.limit_test, seed=cfg.seed)

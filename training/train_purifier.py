@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from training import common
+from training import common, robust_check
 from training.attacks import fgsm, pgd
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.classifier import load_classifier
@@ -132,20 +132,8 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
         raise ValueError("fine-tuning needs --classifier and --purifier checkpoints")
     check = RobustCheck(images=cfg.robust_check, eot=cfg.robust_eot, eps=cfg.adv_eps, seed=cfg.seed)
     held = None
-    if cfg.stage == "finetune" and check.images:
-        if check.images > len(train) // 4:
-            raise ValueError(
-                f"--robust-check {check.images} would hold out more than a quarter of the"
-                f" {len(train)} training images; pass a smaller --robust-check (0 = no check)"
-            )
-        train, held = train.hold_out(check.images, seed=cfg.seed)
-        log.info(
-            "robust check: PGD-%d x EOT-%d through the whole pipeline on %d held-out training images"
-            " after every epoch",
-            check.steps,
-            check.eot,
-            len(held),
-        )
+    if cfg.stage == "finetune" and check.images:  # through the whole pipeline, EOT over the RT
+        train, held = robust_check.hold_out(train, check)
     best = BestEpoch(out, check)
 
     G = UNetPurifier(PurifierConfig(cfg.width)).to(info.device, memory_format=cl)
