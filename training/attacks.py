@@ -213,6 +213,25 @@ def better_iterate(
     return (key[0] > best[0]) | ((key[0] == best[0]) & (key[1] > best[1]))
 
 
+class BestIterate:
+    """Per image, the best iterate offered so far in ``iterate_key`` order (the first offer
+    seeds it): what ``pgd_iterates`` and the flow attack keep."""
+
+    def __init__(self, y: torch.Tensor, loss: str):
+        self.y, self.loss = y, loss
+        self.x: torch.Tensor | None = None
+        self.key: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def offer(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        key = iterate_key(logits, self.y, self.loss)
+        if self.x is None or self.key is None:
+            self.x, self.key = x, key
+            return
+        pick = better_iterate(key, self.key)
+        self.x = torch.where(pick.view(-1, 1, 1, 1), x, self.x)
+        self.key = (torch.where(pick, key[0], self.key[0]), torch.where(pick, key[1], self.key[1]))
+
+
 def pgd_iterates(
     model: Model,
     x: torch.Tensor,
@@ -253,27 +272,19 @@ def pgd_iterates(
             r = torch.rand(x.shape[0], generator=gen, dtype=x.dtype).to(x.device)
             x_adv = x + _l2_normalize(noise) * (eps * r).view(-1, 1, 1, 1)
         x_adv = project(x_adv, x, eps, norm)
-    best_x, best_key = x_adv, None
+    best = BestIterate(y, loss)
     with eval_mode(model):
         for _ in range(steps):
             g, logits = eot_gradient(model, x_adv, y, eot=eot, loss=loss)
             if track_best:
-                key = iterate_key(logits, y, loss)
-                if best_key is None:
-                    best_key = key
-                else:
-                    pick = better_iterate(key, best_key)
-                    best_x = torch.where(pick.view(-1, 1, 1, 1), x_adv, best_x)
-                    best_key = tuple(torch.where(pick, a, b) for a, b in zip(key, best_key, strict=True))
+                best.offer(x_adv, logits)
             step = g.sign() if norm == "linf" else _l2_normalize(g)
             x_adv = project(x_adv + alpha * step, x, eps, norm).detach()
         if not track_best:
             return x_adv, x_adv
         with torch.no_grad():
-            logits = sum(model(x_adv) for _ in range(eot)) / eot
-        pick = better_iterate(iterate_key(logits, y, loss), best_key)
-        best_x = torch.where(pick.view(-1, 1, 1, 1), x_adv, best_x)
-    return best_x.detach(), x_adv
+            best.offer(x_adv, sum(model(x_adv) for _ in range(eot)) / eot)
+    return best.x.detach(), x_adv
 
 
 class _BPDA(torch.autograd.Function):

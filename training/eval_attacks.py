@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.attacks import better_iterate, eot_gradient, eval_mode, fgsm, iterate_key, pgd_iterates
+from training.attacks import BestIterate, eot_gradient, eval_mode, fgsm, pgd_iterates
 
 log = logging.getLogger("atop.eval.attacks")
 
@@ -209,23 +209,15 @@ def flow_attack(model, x, y, *, eps: float, steps: int, eot: int, alpha: float, 
     (on the attack's own EOT-averaged logits, as ``pgd_iterates``) and final iterate."""
     b, _, h, w = x.shape
     flow = (torch.rand(b, h, w, 2, generator=gen) * 2 - 1).to(x.device) * eps
-    best, best_key = flow, None
+    best = BestIterate(y, "cw")  # over flow fields, [B, H, W, 2]
     with eval_mode(model):
         for _ in range(steps):
             g, logits = eot_gradient(lambda f: model(warp(x, f)), flow, y, eot=eot, loss="cw")
-            key = iterate_key(logits, y, "cw")
-            if best_key is None:
-                best_key = key
-            else:
-                pick = better_iterate(key, best_key)
-                best = torch.where(pick.view(-1, 1, 1, 1), flow, best)
-                best_key = tuple(torch.where(pick, a, c) for a, c in zip(key, best_key, strict=True))
+            best.offer(flow, logits)
             flow = (flow + alpha * g.sign()).clamp(-eps, eps).detach()
         with torch.no_grad():
-            logits = sum(model(warp(x, flow)) for _ in range(eot)) / eot
-        pick = better_iterate(iterate_key(logits, y, "cw"), best_key)
-        best = torch.where(pick.view(-1, 1, 1, 1), flow, best)
-    return Found([warp(x, best).detach()], final=warp(x, flow).detach())
+            best.offer(flow, sum(model(warp(x, flow)) for _ in range(eot)) / eot)
+    return Found([warp(x, best.x).detach()], final=warp(x, flow).detach())
 
 
 def run_attack(
