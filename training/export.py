@@ -39,13 +39,12 @@ from atop import contract
 from model_store import ModelVersion, default_store, publish
 from training.classifier import load_classifier
 from training.data import CIFAR10_CLASSES
-from training.export_manifest import ONNX_FILE, TORCHSCRIPT_FILE, build_manifest, load_evaluation
+from training.export_manifest import NO_PURIFIER, ONNX_FILE, TORCHSCRIPT_FILE, build_manifest, load_evaluation
 from training.purifier import IDENTITY_RT, DefendedPipeline, NoPurifier, load_purifier
 from training.transforms import RTSpec, apply_rt, combine_copies
 
 log = logging.getLogger("atop.export")
 FORMATS = ("onnx", "torchscript")
-NO_PURIFIER = "none"  # --purifier none: the classifier alone (e.g. the AT baseline), RT = identity
 
 
 @dataclass(frozen=True)

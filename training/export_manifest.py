@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from training.export import ExportConfig
 
 ONNX_FILE, TORCHSCRIPT_FILE = "model.onnx", "model.pt"
+NO_PURIFIER = "none"  # --purifier none: the classifier alone (e.g. the AT baseline), RT = identity
 
 
 def _tensor(name: str, shape: list, description: str) -> dict:
@@ -112,7 +113,7 @@ def load_evaluation(path: str | None) -> dict:
 def build_manifest(
     cfg: ExportConfig, spec: RTSpec, classes: list[str], parity: dict, evaluation: dict
 ) -> dict:
-    front = cfg.purifier != "none"  # 'none': the classifier alone behind the identity RT
+    front = cfg.purifier != NO_PURIFIER
     recipe = {"classifier": _recipe(cfg.classifier), "purifier": _recipe(cfg.purifier) if front else None}
     seeds = {k: r["config"].get("train", {}).get("seed") for k, r in recipe.items() if r}
     graph = {"onnx": graph_entry(spec, cfg.opset, len(classes), front), "parity": parity}

@@ -15,6 +15,7 @@ set: choosing the epoch on test images would be selection on the test set.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -99,8 +100,6 @@ class BestEpoch:
         self.kept: tuple[float, float] | None = None  # (robust, clean) of the kept epoch
         side = out / "best.json"
         if side.is_file():
-            import json
-
             m = json.loads(side.read_text())["metrics"]
             self.kept = (float(m.get("robust_acc", -1.0)), float(m.get("holdout_acc", -1.0)))
             self.top = float(m.get("top_robust_acc", self.kept[0]))

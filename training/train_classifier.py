@@ -44,7 +44,7 @@ from training import common, robust_check
 from training.attacks import fgsm_rs, pgd
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.classifier import ClassifierConfig, build_classifier, load_classifier
-from training.data import Split, batches, load_split
+from training.data import Split, batches, load_split, steps_per_epoch
 from training.purifier import load_purifier, purify
 from training.robust_check import BestEpoch, RobustCheck, robust_accuracy
 from training.train_purifier import evaluate as evaluate_purified
@@ -220,7 +220,12 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
             metrics.update(holdout_acc=r["clean_acc"], robust_acc=r["robust_acc"], collapsed=collapsed)
             metrics["top_robust_acc"] = best.top
             if improved:
-                save("best.safetensors", step, step // max(1, len(train) // cfg.batch_size), metrics)
+                save(
+                    "best.safetensors",
+                    step,
+                    step // steps_per_epoch(train, cfg.batch_size, info.world_size),
+                    metrics,
+                )
         return metrics
 
     loop = common.LoopSpec(

@@ -29,7 +29,7 @@ from training import common, robust_check
 from training.attacks import fgsm, pgd
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.classifier import load_classifier
-from training.data import batches, load_split
+from training.data import batches, load_split, steps_per_epoch
 from training.purifier import (
     DefendedPipeline,
     PatchDiscriminator,
@@ -252,7 +252,12 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
             res |= {"holdout_acc": r["clean_acc"], "robust_acc": r["robust_acc"], "top_robust_acc": best.top}
             res["collapsed"] = collapsed
             if keep:
-                save("best.safetensors", step, step // max(1, len(train) // cfg.batch_size), res)
+                save(
+                    "best.safetensors",
+                    step,
+                    step // steps_per_epoch(train, cfg.batch_size, info.world_size),
+                    res,
+                )
         return {**{f"train_{k}": v for k, v in means.items()}, **res}
 
     loop = common.LoopSpec(
