@@ -1,7 +1,8 @@
 """ONNX Runtime cost per image per RT draw of model-store versions, side by side.
 
-Each version folder's ``model.onnx`` runs in one ``onnxruntime`` session (``--threads`` intra-op
-threads, 1 by default: the service's layout), on batches of ``--batch`` random images with the
+Each version folder's ``model.onnx`` runs in the service's own backend
+(``service.backends.OnnxBackend``: the same session options; ``--threads`` intra-op threads, 1 by
+default, the service's layout), on batches of ``--batch`` random images with the
 randomness drawn from its manifest's RT spec by the service's sampler. The versions take turns,
 round after round, so a machine that gets busier or quieter in between affects all of them
 alike; the figure per version is the median over rounds of the wall time per image, and the ratio
@@ -29,23 +30,22 @@ import onnxruntime as ort
 from atop import contract
 
 
-def session(folder: Path, threads: int) -> tuple[ort.InferenceSession, dict]:
+def backend(folder: Path, threads: int):
+    """The service's ONNX Runtime backend (same session options) on a version folder."""
+    from service.backends import OnnxBackend, graph_file
+
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise SystemExit(f"{folder}: no manifest.json (give a model-store version folder)")
     manifest = json.loads(manifest_path.read_text())
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    graph = folder / manifest["graph"]["onnx"]["file"]
-    return ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"]), manifest
+    onnx = graph_file(folder, manifest, "onnx")
+    return OnnxBackend(onnx, device="cpu", intra_op_threads=threads, inter_op_threads=1), manifest
 
 
-def feeds(spec: dict, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def feeds(spec: dict, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     s = int(spec["image_size"])
     noise, masks = contract.sample_rt(spec, batch, rng)
-    image = rng.random((batch, 3, s, s), dtype=np.float32)
-    return {contract.INPUT_IMAGE: image, contract.INPUT_NOISE: noise, contract.INPUT_MASKS: masks}
+    return rng.random((batch, 3, s, s), dtype=np.float32), noise, masks
 
 
 def main() -> None:
@@ -63,15 +63,15 @@ def main() -> None:
     rng = np.random.default_rng(0)
     models = []
     for folder in args.versions:
-        sess, manifest = session(folder, args.threads)
+        be, manifest = backend(folder, args.threads)
         feed = feeds(manifest["rt"], args.batch, rng)
-        sess.run(None, feed)  # warm-up
-        models.append({"folder": str(folder), "manifest": manifest, "sess": sess, "feed": feed, "ms": []})
+        be.run(*feed)  # warm-up
+        models.append({"folder": str(folder), "manifest": manifest, "backend": be, "feed": feed, "ms": []})
     for _ in range(args.rounds):
         for m in models:
             t0 = time.perf_counter()
             for _ in range(args.runs):
-                m["sess"].run(None, m["feed"])
+                m["backend"].run(*m["feed"])
             m["ms"].append(1000 * (time.perf_counter() - t0) / (args.runs * args.batch))
     ref = statistics.median(models[0]["ms"])
     rows = []
