@@ -146,11 +146,16 @@ def setup_logging(verbose: bool = False) -> None:
 PRECISIONS = ("bf16", "fp32")
 
 
+def check_precision(precision: str) -> None:
+    """Refuse an unknown --precision before a run loads anything."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, not {precision!r}")
+
+
 def autocast(device: torch.device, precision: str):
     """The training step's autocast: bf16 (about 2x the fp32 throughput on a CPU with AVX-512
     BF16, and on any recent GPU) or none. Evaluation and attacks outside training stay fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    check_precision(precision)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 

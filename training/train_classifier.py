@@ -102,6 +102,7 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         raise ValueError(f"--purified-fraction must be in (0, 1], got {cfg.purified_fraction}")
     if cfg.teacher and not (0.0 < cfg.distill_weight <= 1.0 and cfg.distill_temperature > 0):
         raise ValueError("--distill-weight must be in (0, 1] and --distill-temperature > 0")
+    common.check_precision(cfg.precision)
     if cfg.adversarial not in ("none", "fgsm", "pgd"):
         raise ValueError(f"--adversarial must be none, fgsm or pgd, not {cfg.adversarial!r}")
     info = common.init_distributed(threads)

@@ -112,8 +112,7 @@ def evaluate(purifier, classifier, spec: RTSpec, split, seed: int = 1234) -> dic
 
 
 def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None = None) -> dict:
-    if cfg.precision not in common.PRECISIONS:
-        raise ValueError(f"--precision must be one of {common.PRECISIONS}, not {cfg.precision!r}")
+    common.check_precision(cfg.precision)
     info = common.init_distributed(threads)
     out = Path(cfg.out)
     train = load_split(cfg.data, "train")
