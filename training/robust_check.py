@@ -113,6 +113,12 @@ class BestEpoch:
         p = min(max(self.top, 0.0), 1.0)
         return math.sqrt(p * (1 - p) / max(n, 1))
 
+    def record(self, check: dict, n: int) -> tuple[dict, bool]:
+        """The epoch's metrics from a ``robust_accuracy`` result, and whether to keep the epoch."""
+        keep, collapsed = self.update(check["robust_acc"], check["clean_acc"], n)
+        metrics = {"holdout_acc": check["clean_acc"], "robust_acc": check["robust_acc"]}
+        return metrics | {"top_robust_acc": self.top, "collapsed": collapsed}, keep
+
     def update(self, robust: float, clean: float = 0.0, n: int | None = None) -> tuple[bool, bool]:
         """(keep this epoch as the best, has robustness collapsed: stop training)."""
         self.top = max(self.top, robust)

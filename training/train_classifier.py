@@ -216,11 +216,9 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
             split = test.subset(cfg.purified_test) if cfg.purified_test else test
             metrics["test_acc_purified"] = evaluate_purified(purifier, model, spec, split)["pipeline_acc"]
         if held is not None and info.main:
-            r = robust_accuracy(model, held, check)
-            improved, collapsed = best.update(r["robust_acc"], r["clean_acc"], len(held))
-            metrics.update(holdout_acc=r["clean_acc"], robust_acc=r["robust_acc"], collapsed=collapsed)
-            metrics["top_robust_acc"] = best.top
-            if improved:
+            found, keep = best.record(robust_accuracy(model, held, check), len(held))
+            metrics |= found
+            if keep:
                 save(
                     "best.safetensors",
                     step,

@@ -246,10 +246,8 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
             target = StochasticPipeline(
                 DefendedPipeline(G, classifier, spec), torch.Generator().manual_seed(cfg.seed + 77)
             )
-            r = robust_accuracy(target, held, check)
-            keep, collapsed = best.update(r["robust_acc"], r["clean_acc"], len(held))
-            res |= {"holdout_acc": r["clean_acc"], "robust_acc": r["robust_acc"], "top_robust_acc": best.top}
-            res["collapsed"] = collapsed
+            found, keep = best.record(robust_accuracy(target, held, check), len(held))
+            res |= found
             if keep:
                 save(
                     "best.safetensors",
