@@ -191,6 +191,46 @@ def test_fgsm_training_checks_every_epoch_and_keeps_the_best(data, tmp_path, mon
     assert best.config["train"]["adversarial"] == "fgsm"
 
 
+# --- weight average (--ema) -----------------------------------------------------------------
+
+
+def test_weight_average_moves_a_fraction_of_the_way_and_copies_counters():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    average = common.WeightAverage(net, 0.5)
+    start = average.model[0].weight.clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net[1].num_batches_tracked.fill_(7)
+    average.update(net, step=100)  # d = min(0.5, 101/110) = 0.5: half way
+    assert torch.allclose(average.model[0].weight, start + 0.5)
+    assert average.model[1].num_batches_tracked.item() == 7
+    average.update(net, step=0)  # early steps follow closely: d = 1/10
+    assert torch.allclose(average.model[0].weight, start + 0.5 + 0.9 * 0.5)
+    assert not any(p.requires_grad for p in average.model.parameters())
+    with pytest.raises(ValueError, match="--ema"):
+        common.WeightAverage(net, 1.0)
+
+
+def test_ema_run_checks_and_saves_the_average(data, tmp_path, monkeypatch):
+    checked: list[nn.Module] = []
+    check = tc.robust_accuracy
+
+    def spy_check(model, *args, **kwargs):
+        checked.append(model)
+        return check(model, *args, **kwargs)
+
+    monkeypatch.setattr(tc, "robust_accuracy", spy_check)
+    cmd = f"train classifier --data {data} --out {tmp_path} {TINY_CLASSIFIER} --epochs 2 --lr 0.05"
+    assert atop(f"{cmd} --adversarial fgsm --robust-check 16 --ema 0.8".split()) == 0
+    last = load_checkpoint(tmp_path / "last.safetensors")
+    average, trained = last.state_dict("classifier"), last.state_dict("trained")
+    assert any(not torch.equal(average[k], trained[k]) for k in average)
+    final = load_checkpoint(tmp_path / "final.safetensors")
+    assert all(torch.equal(final.state_dict("classifier")[k], v) for k, v in average.items())
+    # The epoch check ran on the average, which is what the checkpoints call the classifier.
+    assert all(torch.equal(checked[-1].state_dict()[k], v) for k, v in average.items())
+
+
 # --- pass-through metric --------------------------------------------------------------------
 
 

@@ -137,7 +137,14 @@ def test_finetune_without_checkpoints_is_a_clear_error(data, tmp_path, caplog):
     assert atop_run(cmd) == 2 and "does not exist" in caplog.text
 
 
-@pytest.mark.parametrize("command, extra", [("classifier", TINY_CLASSIFIER), ("purifier", TINY_PURIFIER)])
+@pytest.mark.parametrize(
+    "command, extra",
+    [
+        ("classifier", TINY_CLASSIFIER),
+        ("classifier", f"{TINY_CLASSIFIER} --ema 0.9"),  # the average resumes too
+        ("purifier", TINY_PURIFIER),
+    ],
+)
 def test_resume_continues_exactly(data, tmp_path, command, extra):
     common = f"train {command} --data {data} {extra} --epochs 2 --batch-size 8 --threads 1"
     assert atop_run(f"{common} --out {tmp_path}/straight") == 0

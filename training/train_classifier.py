@@ -71,6 +71,7 @@ class TrainClassifierConfig:
     adv_eps: float = 8 / 255
     adv_steps: int = 7  # pgd only
     adv_alpha: float = 0.0  # step size; 0 = the method's own: pgd 2/255, fgsm 1.25 * eps
+    ema: float = 0.0  # decay of the weight average that is checked and saved (0 = none)
     robust_check: int = 256  # adversarial runs: training images held out for the per-epoch PGD check
     precision: str = "bf16"  # bf16 | fp32: autocast of the training step
     seed: int = 0
@@ -127,10 +128,16 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         momentum=cfg.momentum,
         nesterov=True,
     )
+    # With --ema the weight average is the model: checked each epoch, saved as "classifier" in
+    # every checkpoint; the trained network rides along in last.safetensors as "trained".
+    average = common.WeightAverage(model, cfg.ema) if cfg.ema else None
+    served = average.model if average else model
     step = 0
     if resume and (out / "last.safetensors").is_file():
         ck = load_checkpoint(out / "last.safetensors")
-        model.load_state_dict(ck.state_dict("classifier"))
+        served.load_state_dict(ck.state_dict("classifier"))
+        if average:
+            model.load_state_dict(ck.state_dict("trained"))
         ck.load_optimizer("classifier", opt)
         step = ck.header["step"]
         log.info("resumed from %s at step %d", ck.path, step)
@@ -141,6 +148,8 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
                 f"{cfg.init}: not a {cfg.arch} classifier checkpoint with depth {cfg.depth}, width {cfg.width}"
             )
         model.load_state_dict(init.state_dict())
+        if average:
+            served.load_state_dict(init.state_dict())
         log.info("initialised from %s", cfg.init)
     purifier, spec = load_purifier(cfg.purifier) if cfg.purifier else (None, None)
     if purifier is not None:
@@ -166,10 +175,11 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
     saved_config = {"kind": "classifier", "train": asdict(cfg), "model": cfg.classifier().to_dict()}
 
     def save(name: str, step: int, epoch: int, metrics: dict | None) -> None:
+        last = name == "last.safetensors"
         save_checkpoint(
             out / name,
-            models={"classifier": model},
-            optimizers={"classifier": opt} if name == "last.safetensors" else None,
+            models={"classifier": served} | ({"trained": model} if average and last else {}),
+            optimizers={"classifier": opt} if last else None,
             config=saved_config,
             step=step,
             epoch=epoch,
@@ -205,18 +215,21 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if average:
+            average.update(model, step)
         return {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
 
     def epoch_end(step: int, means: dict) -> dict:
         common.sync_buffers(model, info)
         model.eval()
-        acc = common.evaluate_accuracy(model, test) if info.main else None
+        served.eval()
+        acc = common.evaluate_accuracy(served, test) if info.main else None
         metrics = {"train_loss": means.get("loss"), "train_acc": means.get("acc"), "test_acc": acc}
         if purifier is not None and info.main:
             split = test.subset(cfg.purified_test) if cfg.purified_test else test
-            metrics["test_acc_purified"] = evaluate_purified(purifier, model, spec, split)["pipeline_acc"]
+            metrics["test_acc_purified"] = evaluate_purified(purifier, served, spec, split)["pipeline_acc"]
         if held is not None and info.main:
-            found, keep = best.record(robust_accuracy(model, held, check), len(held))
+            found, keep = best.record(robust_accuracy(served, held, check), len(held))
             metrics |= found
             if keep:
                 save(
@@ -273,6 +286,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("adv_eps", "AT: l-inf radius of the training attack"),
         ("adv_steps", "PGD-AT: attack steps"),
         ("adv_alpha", "AT: attack step size (0 = pgd 2/255, fgsm 1.25 x eps)"),
+        (
+            "ema",
+            "decay of a moving average of the weights, which is then what each epoch checks and"
+            " every checkpoint saves as the classifier (e.g. 0.999; 0 = none)",
+        ),
         ("robust_check", "AT: training images held out for the per-epoch PGD-10 check (0 = none)"),
         ("purified_fraction", "with --purifier: share of each batch replaced by g(t(x))"),
         ("purified_test", "with --purifier: test images for test_acc_purified (0 = all)"),
