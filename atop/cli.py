@@ -76,6 +76,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for name, module, help_, resume_help in TRAIN_COMMANDS:
         p = _add(tsub, name, module, help_, first == "train" and name in argv)
         p.add_argument("--resume", action="store_true", help=resume_help)
+        if resume_help == _RESUME:
+            p.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="--out already holds a run: delete its checkpoints and metrics and start over"
+                " (without this or --resume such an --out is refused)",
+            )
         p.add_argument(
             "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
         )

@@ -10,8 +10,14 @@ Graph inputs (float32, NCHW):
   noise  [B, 3, H, W]     standard normal; the graph multiplies it by the spec's noise_std
   masks  [B, C, 1, H, W]  1 = pixel missing; C = 1 (RT1/RT2) or num_masks (RT3)
 Graph outputs:
-  logits      [B, K]  the defended pipeline f(g(t(x)))
-  raw_logits  [B, K]  the undefended classifier f(x), for the attack-suspicion signal
+  logits      [B, K]           the defended pipeline f(g(t(x)))
+  raw_logits  [B, K]           the undefended classifier f(x), for the attack-suspicion signal
+  transformed [B, C, 3, H, W]  t(x), what the purifier is given: the noisy image (clipped to
+                               [0, 1]) with the missing pixels set to 0, one per copy; which
+                               pixels are missing is the ``masks`` input
+  purified    [B, 3, H, W]     g(t(x)), what the defended classifier sees
+The two image outputs are optional (``VIEW_OUTPUTS``): versions exported before they existed
+have only the logits, and a reader must say what is missing rather than make them up.
 """
 
 from __future__ import annotations
@@ -22,6 +28,14 @@ MANIFEST_SCHEMA = "atop-manifest/1"
 RT_SAMPLER = "atop-rt-sampler/1"
 INPUT_IMAGE, INPUT_NOISE, INPUT_MASKS = "image", "noise", "masks"
 OUTPUT_LOGITS, OUTPUT_RAW_LOGITS = "logits", "raw_logits"
+OUTPUT_TRANSFORMED, OUTPUT_PURIFIED = "transformed", "purified"
+VIEW_OUTPUTS = (OUTPUT_TRANSFORMED, OUTPUT_PURIFIED)
+
+
+def view_shapes(spec: dict) -> dict[str, list]:
+    """The declared shapes of the optional image outputs for an RT spec ("B" = batch)."""
+    s = int(spec["image_size"])
+    return {OUTPUT_TRANSFORMED: ["B", rt_copies(spec), 3, s, s], OUTPUT_PURIFIED: ["B", 3, s, s]}
 
 
 def rt_copies(spec: dict) -> int:

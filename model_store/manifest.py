@@ -30,6 +30,7 @@ from atop.contract import (
     OUTPUT_RAW_LOGITS,
     RT_SAMPLER,
     rt_copies,
+    view_shapes,
 )
 
 MANIFEST_FILE = "manifest.json"
@@ -183,6 +184,9 @@ class Manifest(_Closed):
         for name in (OUTPUT_LOGITS, OUTPUT_RAW_LOGITS):
             if name not in outs or outs[name].shape != ["B", len(self.classes)]:
                 raise ValueError(f"graph.onnx.outputs needs {name} of shape ['B', {len(self.classes)}]")
+        for name, shape in view_shapes(self.rt.model_dump()).items():  # optional image outputs
+            if name in outs and outs[name].shape != shape:
+                raise ValueError(f"graph.onnx.outputs {name} must have shape {shape} for rt {self.rt.kind}")
         return self
 
 

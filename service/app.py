@@ -13,14 +13,15 @@ from service.errors import install_handlers
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.registry import Registry
-from service.routes import admin, classify, ops
+from service.routes import admin, classify, inspect, ops, ui
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("atop.service")
 
 DESCRIPTION = """Image classification behind the AToP defense: random transform, purifier,
 frozen classifier. Every answer names the model version that served it and carries an
-attack-suspicion signal (the undefended classifier disagrees with the defended pipeline)."""
+attack-suspicion signal (the undefended classifier disagrees with the defended pipeline).
+`POST /inspect` also returns the pictures (t(x), g(t(x))); the page at `/ui` shows them."""
 
 
 def create_app(settings: Settings | None = None, *, loader=load_backend) -> FastAPI:
@@ -54,8 +55,11 @@ def create_app(settings: Settings | None = None, *, loader=load_backend) -> Fast
     install_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(classify.router)
+    app.include_router(inspect.router)
     app.include_router(ops.router)
     app.include_router(admin.router)
+    app.include_router(ui.router)
+    app.mount(ui.STATIC_PREFIX, ui.static_files(), name="ui-static")
     return app
 
 

@@ -9,6 +9,11 @@ batcher's single worker thread, never from the event loop.
 * TorchScript (optional, needs torch): ``forward_with(x, noise, masks)`` gives defended logits;
   raw logits come from the exported ``raw_logits(x)`` method when the file has one, else they
   are None and the attack-suspicion signal is reported as unavailable.
+
+``run_views`` returns (logits, raw_logits, transformed, purified): also the graph's image
+outputs t(x) [B,C,3,H,W] and g(t(x)) [B,3,H,W] (atop.contract). A backend whose file predates
+them has ``has_views = False`` and returns None for both; the batcher and the self-test read
+``has_views`` with getattr, so a backend without image outputs need not define either.
 """
 
 from __future__ import annotations
@@ -91,12 +96,20 @@ class OnnxBackend:
         if contract.OUTPUT_LOGITS not in outputs:
             raise BackendError(f"{path.name}: graph has no '{contract.OUTPUT_LOGITS}' output")
         self.has_raw = contract.OUTPUT_RAW_LOGITS in outputs
+        self.has_views = set(contract.VIEW_OUTPUTS) <= set(outputs)
         self._outputs = [contract.OUTPUT_LOGITS] + ([contract.OUTPUT_RAW_LOGITS] if self.has_raw else [])
 
     def run(self, image, noise, masks):
         feeds = {contract.INPUT_IMAGE: image, contract.INPUT_NOISE: noise, contract.INPUT_MASKS: masks}
         out = self.session.run(self._outputs, feeds)
         return out[0], (out[1] if self.has_raw else None)
+
+    def run_views(self, image, noise, masks):
+        if not self.has_views:
+            return (*self.run(image, noise, masks), None, None)
+        feeds = {contract.INPUT_IMAGE: image, contract.INPUT_NOISE: noise, contract.INPUT_MASKS: masks}
+        out = self.session.run(self._outputs + list(contract.VIEW_OUTPUTS), feeds)
+        return out[0], (out[1] if self.has_raw else None), out[-2], out[-1]
 
     def close(self) -> None:
         self.session = None
@@ -130,6 +143,7 @@ class TorchScriptBackend:
         if not hasattr(self.module, "forward_with"):
             raise BackendError(f"{path.name}: TorchScript module has no forward_with(x, noise, masks)")
         self.has_raw = hasattr(self.module, "raw_logits")
+        self.has_views = hasattr(self.module, "views_with")
 
     def run(self, image, noise, masks):
         torch, dev = self._torch, self.device
@@ -140,6 +154,17 @@ class TorchScriptBackend:
             )
             raw = self.module.raw_logits(x).float().cpu().numpy() if self.has_raw else None
         return logits.float().cpu().numpy(), raw
+
+    def run_views(self, image, noise, masks):
+        if not self.has_views:
+            return (*self.run(image, noise, masks), None, None)
+        torch, dev = self._torch, self.device
+        with torch.inference_mode():
+            x = torch.from_numpy(image).to(dev)
+            out = self.module.views_with(x, torch.from_numpy(noise).to(dev), torch.from_numpy(masks).to(dev))
+            raw = self.module.raw_logits(x) if self.has_raw else None
+            logits, transformed, purified = (t.float().cpu().numpy() for t in out)
+        return logits, None if raw is None else raw.float().cpu().numpy(), transformed, purified
 
     def close(self) -> None:
         self.module = None

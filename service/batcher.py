@@ -17,7 +17,10 @@ rows ("cost units"):
   oversized job is still admitted into an empty queue, so it cannot be refused forever);
 * each job has a deadline: rows of an expired job are dropped before they cost compute;
 * inference runs in one worker thread, off the event loop; one Batcher per model version, so a
-  batch never mixes versions.
+  batch never mixes versions;
+* a job may ask for the image outputs too (``views``, for /inspect): a batch holding such a job
+  runs ``backend.run_views`` and hands t(x) and g(t(x)) to the jobs that asked. Inspect and
+  classify requests share the queue, the batches and the metrics.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class Job:
     inference_s: float = 0.0
     abandoned: bool = False
     batches: list[int] = field(default_factory=list)
+    views: bool = False  # also wants the image outputs (transformed, purified)
+    transformed: np.ndarray | None = None  # [R, C, 3, H, W] when views and the backend has them
+    purified: np.ndarray | None = None  # [R, 3, H, W]
 
     @property
     def rows(self) -> int:
@@ -114,7 +120,15 @@ class Batcher:
         per_batch = self._batch_s or 0.05
         return max(1, math.ceil(self.depth / self.max_batch * per_batch))
 
-    def submit(self, image: np.ndarray, noise: np.ndarray, masks: np.ndarray, timeout_s: float) -> Job:
+    def submit(
+        self,
+        image: np.ndarray,
+        noise: np.ndarray,
+        masks: np.ndarray,
+        timeout_s: float,
+        *,
+        views: bool = False,
+    ) -> Job:
         """Queue a job (synchronous, never waits); QueueFull when it does not fit."""
         if self._closing:
             raise BatcherClosed()
@@ -123,7 +137,7 @@ class Batcher:
             raise QueueFull(self.retry_after())
         loop = asyncio.get_running_loop()
         now = loop.time()
-        job = Job(image, noise, masks, now + timeout_s, now, loop.create_future())
+        job = Job(image, noise, masks, now + timeout_s, now, loop.create_future(), views=views)
         self._jobs.append(job)
         self._add_depth(rows)
         self._wake.set()
@@ -141,8 +155,8 @@ class Batcher:
                 self._fail(job, DeadlineExceeded())
             raise DeadlineExceeded() from None
 
-    async def infer(self, image, noise, masks, timeout_s: float) -> Job:
-        return await self.wait(self.submit(image, noise, masks, timeout_s))
+    async def infer(self, image, noise, masks, timeout_s: float, *, views: bool = False) -> Job:
+        return await self.wait(self.submit(image, noise, masks, timeout_s, views=views))
 
     # --- the loop ----------------------------------------------------------------------------
     def _add_depth(self, rows: int) -> None:
@@ -219,12 +233,16 @@ class Batcher:
             return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
         n = sum(b - a for _, a, b in parts)
+        views = any(j.views for j, _, _ in parts) and getattr(self.backend, "has_views", False)
         t0 = time.perf_counter()
         try:
-            logits, raw = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.backend.run, cat("image"), cat("noise"), cat("masks")
+            run = self.backend.run_views if views else self.backend.run
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._executor, run, cat("image"), cat("noise"), cat("masks")
             )
-            if logits.shape[0] != n or (raw is not None and raw.shape[0] != n):
+            logits, raw = out[0], out[1]
+            transformed, purified = out[2:] if views else (None, None)
+            if any(a is not None and a.shape[0] != n for a in (logits, raw, transformed, purified)):
                 raise InferenceFailed(f"backend returned {logits.shape[0]} rows for a batch of {n}")
         except Exception as e:
             log.error("inference failed on a batch of %d rows (%s): %s", n, self.name, e)
@@ -247,6 +265,12 @@ class Batcher:
             job.logits[a:b] = logits[offset : offset + b - a]
             if raw is not None:
                 job.raw[a:b] = raw[offset : offset + b - a]
+            if job.views and transformed is not None and purified is not None:
+                if job.transformed is None:
+                    job.transformed = np.empty((job.rows, *transformed.shape[1:]), np.float32)
+                    job.purified = np.empty((job.rows, *purified.shape[1:]), np.float32)
+                job.transformed[a:b] = transformed[offset : offset + b - a]
+                job.purified[a:b] = purified[offset : offset + b - a]
             offset += b - a
             job.done += b - a
             job.inference_s += dt

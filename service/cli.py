@@ -69,9 +69,11 @@ def preflight(settings: Settings) -> None:
     root = Path(settings.store) if settings.store else store.default_store()
     if settings.wait_for_model or store.list_versions(root, settings.model_name):
         return
+    names = sorted({mv.name for mv in store.list_versions(root)})
+    there = f"it holds: {', '.join(names)}" if names else "it holds no valid model"
     raise ValueError(
-        f"no valid version of model {settings.model_name!r} in store {root} "
-        "(check --store and --model-name, or pass --wait-for-model)"
+        f"no valid version of model {settings.model_name!r} in store {root} ({there}); "
+        "check --store and --model-name, or pass --wait-for-model"
     )
 
 

@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from atop.imaging import fit_square, to_rgb  # rules 4 and 5, shared with training
 from service.errors import ApiError
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
@@ -40,7 +41,6 @@ _REFUSED_SIGNATURES = {
     b"<?xml": "SVG/XML",
     b"8BPS": "PSD",
 }
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def _refused_format(data: bytes) -> str | None:
@@ -80,27 +80,6 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
             413, "image_too_large", f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}"
         )
     return im
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Rule 4 above: any mode to 8-bit RGB."""
-    if im.mode in _SIXTEEN_BIT:
-        a = np.asarray(im).astype(np.float64)
-        a = np.clip(a / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-
-def fit_square(im: Image.Image, size: int) -> Image.Image:
-    """Rule 5 above: centred square crop, then antialiased bicubic resize to size x size."""
-    if im.size == (size, size):
-        return im
-    return ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
 
 
 def decode_image(data: bytes, *, size: int, max_pixels: int) -> np.ndarray:

@@ -5,7 +5,10 @@ checked, its backend loaded and warmed up and self-tested, all in a worker threa
 active version; only then is the single ``active`` reference swapped, on the event loop, under a
 lock that serialises swaps. Requests lease the slot they start on: in-flight requests finish on
 their version, and a retired version is closed (batcher drained, backend released) when its last
-lease ends. A refused candidate is remembered with its reason (``/v1/models``, the
+lease ends. A candidate that would change what answers mean — another class list (names,
+order or count) or another input size — is refused by reload and the watcher whatever its
+numbers; only an operator's explicit activation with ``accept_contract_change`` serves it.
+A refused candidate is remembered with its reason (``/v1/models``, the
 ``atop_model_reloads{result="refused"}`` counter, a warning in the log) and the old version keeps
 serving. The watcher polls the store and moves to the newest valid version unless one is pinned.
 """
@@ -44,6 +47,31 @@ class Slot:
     selftest: dict = field(default_factory=dict)
     leases: int = 0
     retired: bool = False
+
+
+def contract_changes(candidate: dict, active: dict) -> list[str]:
+    """How ``candidate``'s manifest would change what the active version's answers mean: its
+    class list (names, order, count) and the input size the service decodes images to."""
+    changes = []
+    new, old = list(candidate.get("classes") or []), list(active.get("classes") or [])
+    if new != old:
+        if len(new) != len(old):
+            changes.append(f"{len(new)} classes instead of {len(old)}")
+        elif sorted(new) == sorted(old):
+            changes.append("the same classes in another order (answers would be relabelled)")
+        else:
+            gone = [c for c in old if c not in new]
+            came = [c for c in new if c not in old]
+            changes.append(
+                f"classes {', '.join(came) or 'renamed'} in place of {', '.join(gone) or 'others'}"
+            )
+    size_new = (candidate.get("rt") or {}).get("image_size")
+    size_old = (active.get("rt") or {}).get("image_size")
+    if size_new != size_old:
+        changes.append(f"{size_new}-px input instead of {size_old}-px")
+    elif candidate.get("input") != active.get("input"):
+        changes.append(f"input {candidate.get('input')} instead of {active.get('input')}")
+    return changes
 
 
 class Registry:
@@ -104,6 +132,17 @@ class Registry:
             raise
         return manifest, facts, backend, report
 
+    def _contract_guard(self, manifest: dict) -> None:
+        """Refuse a candidate whose answers would mean something else than the active one's."""
+        if self.active is None:
+            return
+        changes = contract_changes(manifest, self.active.manifest)
+        if changes:
+            raise Refused(
+                f"it changes what answers mean vs v{self.active.version}: {'; '.join(changes)};"
+                " an operator must activate it with accept_contract_change=true"
+            )
+
     def _gate(self, manifest: dict) -> None:
         """Automatic swaps refuse a candidate whose measured robustness regressed."""
         tol = self.settings.robustness_tolerance
@@ -116,11 +155,14 @@ class Registry:
                 f"({'; '.join(worse)}); activate it explicitly to override"
             )
 
-    async def _try(self, mv: store.ModelVersion, *, gated: bool) -> Outcome:
+    async def _try(self, mv: store.ModelVersion, *, gated: bool, contract_change_ok: bool = False) -> Outcome:
         log.info("loading candidate %s v%d from %s", mv.name, mv.version, mv.path)
         t0 = time.perf_counter()
         try:
-            if gated:  # cheap, from the manifest list_versions validated: before any loading
+            # Both cheap, from the manifest list_versions validated: before any loading.
+            if not contract_change_ok:
+                self._contract_guard(mv.manifest)
+            if gated:
                 self._gate(mv.manifest)
             manifest, facts, backend, report = await asyncio.to_thread(self._prepare_blocking, mv)
         except Exception as e:  # Refused, or anything unexpected: the candidate does not serve
@@ -179,7 +221,9 @@ class Registry:
                     return
         what = f"version {self.pinned} of " if self.pinned else ""
         if not versions:
-            problem = f"no {what}model {self.name!r} in store {self.root}"
+            names = sorted({mv.name for mv in await asyncio.to_thread(store.list_versions, self.root)})
+            there = f"it holds {', '.join(names)}" if names else "it holds no model"
+            problem = f"no {what}model {self.name!r} in store {self.root} ({there}; choose with --model-name)"
         else:
             reasons = "; ".join(f"v{v}: {r}" for v, r in sorted(self.refused.items()))
             problem = f"no loadable {what}version of {self.name!r} in {self.root}: {reasons}"
@@ -212,8 +256,12 @@ class Registry:
             self.last = outcome
             return outcome
 
-    async def activate(self, version: int, *, pin: bool = True) -> Outcome:
-        """Serve exactly ``version`` (roll back or forward) and pin it; KeyError if unknown."""
+    async def activate(
+        self, version: int, *, pin: bool = True, accept_contract_change: bool = False
+    ) -> Outcome:
+        """Serve exactly ``version`` (roll back or forward) and pin it; KeyError if unknown.
+        The robustness gate does not apply; a changed class list or input size is refused
+        unless ``accept_contract_change``."""
         async with self._lock:
             match = [v for v in await self.scan() if v.version == version]
             if not match:
@@ -224,7 +272,7 @@ class Registry:
                 )
                 self.metrics.reloads.labels("unchanged").inc()
             else:
-                outcome = await self._try(match[0], gated=False)
+                outcome = await self._try(match[0], gated=False, contract_change_ok=accept_contract_change)
             if pin and outcome.result != "refused":
                 self.pinned = version
             self.last = outcome

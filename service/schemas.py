@@ -91,6 +91,11 @@ class VersionInfo(BaseModel):
     version: int
     status: Literal["active", "available", "refused"]
     reason: str | None = None
+    evaluated: bool | None = Field(
+        None,
+        description="whether the manifest records measured robust accuracy (false: its robustness is unmeasured)",
+    )
+    classes: int | None = Field(None, description="number of classes it answers")
 
 
 class ActiveModel(BaseModel):

@@ -127,7 +127,40 @@ def self_test(backend, facts: Facts, batch: int, parity: dict | None = None) -> 
         raise Refused("self-test: raw_logits of a row depend on the rest of its batch")
     if not np.allclose(one, again, atol=1e-5 * scale, rtol=1e-5):
         raise Refused("self-test: the same input and randomness gave different answers")
-    return {"batch": batch, "max_abs_logit": scale, "reference_logits": known_answer(backend, facts, parity)}
+    views = check_views(backend, facts, (image[:2], noise[:2], masks[:2]), logits[:2], scale)
+    return {
+        "batch": batch,
+        "max_abs_logit": scale,
+        "reference_logits": known_answer(backend, facts, parity),
+        "views": views,
+    }
+
+
+def check_views(backend, facts: Facts, draw: tuple, logits: np.ndarray, scale: float) -> bool:
+    """The optional image outputs (atop.contract), when the backend has them: right shapes,
+    finite, missing pixels of t(x) at 0, and the same logits as ``run``. False when absent."""
+    if not getattr(backend, "has_views", False):
+        return False
+    rows, s, masks = len(logits), facts.image_size, draw[2]
+    try:
+        got, _, transformed, purified = backend.run_views(*draw)
+    except Exception as e:
+        raise Refused(f"self-test: the image outputs failed: {e}") from e
+    want = {
+        contract.OUTPUT_TRANSFORMED: (rows, contract.rt_copies(facts.spec), 3, s, s),
+        contract.OUTPUT_PURIFIED: (rows, 3, s, s),
+    }
+    for name, arr in zip(contract.VIEW_OUTPUTS, (transformed, purified), strict=True):
+        if arr is None or arr.shape != want[name]:
+            shape = None if arr is None else tuple(arr.shape)
+            raise Refused(f"self-test: {name} has shape {shape}, expected {want[name]}")
+        if not np.isfinite(arr).all():
+            raise Refused(f"self-test: {name} contains NaN or infinity")
+    if np.abs(transformed * masks).max(initial=0.0) > 1e-6:
+        raise Refused("self-test: transformed keeps pixels the masks say are missing")
+    if not np.allclose(got, logits, atol=1e-3 * scale, rtol=1e-3):
+        raise Refused("self-test: logits with the image outputs differ from those without")
+    return True
 
 
 def known_answer(backend, facts: Facts, parity: dict | None) -> bool | None:

@@ -315,7 +315,7 @@ def test_ops_endpoints(client):
     models = ok(client.get("/v1/models"))
     assert models["active"]["version"] == 1 and models["active"]["manifest"]["classes"] == list(CIFAR10)
     assert models["active"]["raw_logits"] and models["versions"] == [
-        {"version": 1, "status": "active", "reason": None}
+        {"version": 1, "status": "active", "reason": None, "evaluated": False, "classes": 10}
     ]
     assert ok(client.get("/openapi.json"))["paths"]["/classify"]["post"]
     assert client.get("/docs").status_code == 200

@@ -43,9 +43,15 @@ class ClassifierConfig:
     arch: str = "resnet"  # resnet | fast | ensemble
     flip_tta: bool = False  # average the prediction over the image and its mirror
     members: tuple[ClassifierConfig, ...] = ()  # ensemble only
+    # The class names in output order, from the training data's folders; () in checkpoints
+    # written before names were recorded (their export must then be told the names).
+    classes: tuple[str, ...] = ()
+    image_size: int = 32  # the side of the square images it was trained on
 
     def __post_init__(self) -> None:
         assert self.depth >= 1 and self.width >= 4 and self.num_classes >= 2
+        if self.classes and len(self.classes) != self.num_classes:
+            raise ValueError(f"{len(self.classes)} class names for {self.num_classes} outputs")
         if (self.arch == "ensemble") != bool(self.members):
             raise ValueError("an ensemble classifier needs members, and only an ensemble has them")
         if any(m.num_classes != self.num_classes for m in self.members):
@@ -61,7 +67,7 @@ class ClassifierConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ClassifierConfig:
         d = dict(d)
-        for k in ("mean", "std"):
+        for k in ("mean", "std", "classes"):
             if k in d:
                 d[k] = tuple(d[k])
         d["members"] = tuple(cls.from_dict(m) for m in d.get("members", ()))

@@ -104,6 +104,41 @@ def one_cycle_lr(step: int, total: int, peak: float, warmup: float = 0.05) -> fl
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
+RUN_FILES = ("metrics.jsonl", "last.safetensors", "best.safetensors", "final.safetensors")
+
+
+def claim_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make sure ``out`` holds no other run before this one writes there.
+
+    A folder with a previous run's files is refused unless ``resume`` (continue it) or
+    ``overwrite`` (delete those files, then start over): appending a new run's epochs to an old
+    metrics.jsonl, or leaving an old best.safetensors beside new checkpoints, mixes two runs.
+    """
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pick one")
+    if resume:
+        if found and "last.safetensors" not in found:
+            raise ValueError(
+                f"{out} holds a run ({', '.join(found)}) without last.safetensors to resume from;"
+                " start over with --overwrite or pick another --out"
+            )
+        if not found:
+            log.info("%s: no run to resume yet; starting one", out)
+        return
+    if not found:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{out} already holds a run ({', '.join(found)}); continue it with --resume, start over"
+            " with --overwrite (deletes those files), or pick another --out"
+        )
+    for name in found:
+        (out / name).unlink()
+        (out / name).with_suffix(".json").unlink(missing_ok=True)
+    log.warning("%s: deleted the previous run's %s (--overwrite)", out, ", ".join(found))
+
+
 class RunLog:
     """Appends one JSON object per line to ``<out>/metrics.jsonl`` (rank 0 only)."""
 

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from atop.imaging import fit_square, model_pixels
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -45,6 +47,11 @@ CIFAR10_CLASSES = (
 # md5 published with the official archive (https://www.cs.toronto.edu/~kriz/cifar.html).
 CIFAR10_PYTHON_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_PYTHON_NAME = "cifar-10-python.tar.gz"
+DATA_HELP = (
+    "data set: an image-folder tree ROOT/{train,test}/<class>/*.png|jpg (any classes, named by"
+    " their folders; any image size, brought to --image-size as the service does), the same tree"
+    " as *.tar.gz, or CIFAR-10's cifar-10-python.tar.gz"
+)
 
 
 class DataError(ValueError):
@@ -109,10 +116,12 @@ def _verify_sha256sums(archive: Path) -> str:
     return digest
 
 
-def _decode(data: bytes, where: str) -> np.ndarray:
+def _decode(data: bytes, where: str, size: int) -> np.ndarray:
+    """One image file -> uint8 [size, size, 3] by the service's own rule (atop/imaging.py)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            im.load()
+            return model_pixels(im, size)
     except Exception as e:  # PIL raises many types for bad files
         raise DataError(f"{where}: not a readable image ({e})") from e
 
@@ -120,9 +129,6 @@ def _decode(data: bytes, where: str) -> np.ndarray:
 def _stack(images: list[np.ndarray], labels: list[int], where: str) -> tuple[np.ndarray, np.ndarray]:
     if not images:
         raise DataError(f"{where}: no images found")
-    shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise DataError(f"{where}: images have different sizes {sorted(shapes)[:4]}")
     return np.stack(images).transpose(0, 3, 1, 2).copy(), np.asarray(labels, dtype=np.int64)
 
 
@@ -144,16 +150,16 @@ def _from_member_names(
     return classes, [(n, index[c]) for n, c in sorted(items)]
 
 
-def _load_folder(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+def _load_folder(root: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     base = root / split if (root / split).is_dir() else root
     names = [str(p.relative_to(base.parent)) for p in base.rglob("*") if p.is_file()]
     classes, items = _from_member_names(names, base.name if base != root else split, str(root))
-    ims = [_decode((base.parent / n).read_bytes(), str(base.parent / n)) for n, _ in items]
+    ims = [_decode((base.parent / n).read_bytes(), str(base.parent / n), size) for n, _ in items]
     x, y = _stack(ims, [c for _, c in items], str(root))
     return x, y, classes
 
 
-def _load_folder_tar(archive: Path, split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+def _load_folder_tar(archive: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     with tarfile.open(archive, "r:*") as tar:
         members = {m.name: m for m in tar.getmembers() if m.isfile()}
         classes, items = _from_member_names(list(members), split, str(archive))
@@ -161,7 +167,7 @@ def _load_folder_tar(archive: Path, split: str) -> tuple[np.ndarray, np.ndarray,
         for name, _ in items:
             f = tar.extractfile(members[name])
             assert f is not None
-            ims.append(_decode(f.read(), f"{archive}:{name}"))
+            ims.append(_decode(f.read(), f"{archive}:{name}", size))
     x, y = _stack(ims, [c for _, c in items], str(archive))
     return x, y, classes
 
@@ -240,10 +246,27 @@ def _resolve(root: Path, split: str) -> tuple[str, Path]:
     )
 
 
-def load_split(root: str | Path, split: str, *, cache: bool = True) -> Split:
-    """Load ``split`` ('train' or 'test') from any supported source under ``root``."""
+def load_split(
+    root: str | Path,
+    split: str,
+    *,
+    size: int = 32,
+    classes: tuple[str, ...] | None = None,
+    cache: bool = True,
+) -> Split:
+    """Load ``split`` ('train' or 'test') from any supported source under ``root``.
+
+    Every image becomes ``size`` x ``size`` RGB by the rule the service applies to requests
+    (atop/imaging.py: centred square crop, bicubic resize; a ``size``-square image is kept bit
+    for bit), so training and serving see the same pixels. Image folders name the classes: their
+    folder names, sorted. ``classes`` (the training split's, when loading a test split) puts the
+    labels in that order by name: a class the model does not know is refused, a class with no
+    image here is only logged.
+    """
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', not {split!r}")
+    if size < 8:
+        raise DataError(f"image size must be at least 8 pixels, not {size}")
     kind, path = _resolve(Path(root).expanduser(), split)
     if kind == "python-tar":
         digest = _file_digest(path, "md5")
@@ -253,26 +276,74 @@ def load_split(root: str | Path, split: str, *, cache: bool = True) -> Split:
         digest = _verify_sha256sums(path)
     else:
         digest = "unverified-folder"
-    cache_file = _cache_dir() / f"{split}-{digest}.npz"
+    cache_file = _cache_dir() / (f"{split}-{digest}.npz" if size == 32 else f"{split}-{digest}-{size}px.npz")
     if cache and kind in ("python-tar", "folder-tar") and cache_file.is_file():
         with np.load(cache_file, allow_pickle=False) as z:
-            x, y, classes = z["x"], z["y"], tuple(str(c) for c in z["classes"])
+            x, y, found = z["x"], z["y"], tuple(str(c) for c in z["classes"])
     else:
         log.info("decoding %s (%s)", path, kind)
         if kind == "python-tar":
-            x, y, classes = _load_python_tar(path, split)
+            x, y, found = _resize_all(*_load_python_tar(path, split), size)
         elif kind == "python-dir":
-            x, y, classes = _load_python(lambda n: _read_or_fail(path / n), split, str(path))
+            x, y, found = _resize_all(
+                *_load_python(lambda n: _read_or_fail(path / n), split, str(path)), size
+            )
         elif kind == "folder-tar":
-            x, y, classes = _load_folder_tar(path, split)
+            x, y, found = _load_folder_tar(path, split, size)
         else:
-            x, y, classes = _load_folder(path, split)
+            x, y, found = _load_folder(path, split, size)
         if cache and kind in ("python-tar", "folder-tar"):
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
-            np.savez(tmp, x=x, y=y, classes=np.asarray(classes))
+            np.savez(tmp, x=x, y=y, classes=np.asarray(found))
             os.replace(tmp, cache_file)
-    return Split(torch.from_numpy(x), torch.from_numpy(y), classes, str(path), digest)
+    labels = torch.from_numpy(y)
+    if classes is not None and tuple(classes) != found:
+        labels = _relabel(labels, found, tuple(classes), f"{path} ({split})")
+        found = tuple(classes)
+    return Split(torch.from_numpy(x), labels, found, str(path), digest)
+
+
+def _resize_all(
+    x: np.ndarray, y: np.ndarray, classes: tuple[str, ...], size: int
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """The 32-px python archive at another size, image by image through the same rule."""
+    if x.shape[-1] == size:
+        return x, y, classes
+    out = np.stack([np.asarray(fit_square(Image.fromarray(im.transpose(1, 2, 0)), size)) for im in x])
+    return out.transpose(0, 3, 1, 2).copy(), y, classes
+
+
+def _relabel(
+    labels: torch.Tensor, found: tuple[str, ...], classes: tuple[str, ...], where: str
+) -> torch.Tensor:
+    """Labels indexing ``found`` -> labels indexing ``classes``, matched by name."""
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise DataError(
+            f"{where}: class folder(s) {', '.join(unknown)} are not among the training classes"
+            f" ({', '.join(classes)}); a model cannot be scored on classes it was not trained on"
+        )
+    missing = [c for c in classes if c not in found]
+    if missing:
+        log.warning("%s: no images of class(es) %s; accuracy covers the others", where, ", ".join(missing))
+    index = torch.tensor([classes.index(c) for c in found], dtype=torch.int64)
+    return index[labels]
+
+
+def channel_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of the pixels in [0, 1], to 4 decimals: the
+    classifier's input normalisation (CIFAR-10's training set gives the usual 0.4914, ...)."""
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(split), 4096):
+        x = split.images[i : i + 4096].to(torch.float64).div_(255)
+        total += x.sum((0, 2, 3))
+        squares += x.square().sum((0, 2, 3))
+    n = split.images.numel() // 3
+    mean = total / n
+    std = (squares / n - mean.square()).clamp_min(1e-12).sqrt()
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
 def _read_or_fail(p: Path) -> bytes:

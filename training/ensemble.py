@@ -45,12 +45,22 @@ def combine(members: list[str], *, flip_tta: bool = False) -> tuple[torch.nn.Mod
                 "train": ck.config.get("train", {}),
             }
         )
-    # The config refuses members that disagree on the number of classes.
+    # The config refuses members that disagree on the number of classes; names and input size
+    # are checked here, where the members' paths are known.
+    named = [(c.classes, c.image_size, p) for c, p in zip(cfgs, members, strict=True) if c.classes]
+    for names, size, path in named[1:]:
+        if (names, size) != named[0][:2]:
+            raise ValueError(
+                f"{path}: its classes ({', '.join(names)}) or input size {size} differ from"
+                f" {named[0][2]}'s ({', '.join(named[0][0])}, {named[0][1]} px); members must agree"
+            )
     cfg = ClassifierConfig(
         arch="ensemble",
         flip_tta=flip_tta,
         members=tuple(cfgs),
         num_classes=cfgs[0].num_classes,
+        classes=named[0][0] if named else (),
+        image_size=cfgs[0].image_size,
     )
     model = build_classifier(cfg)  # the members' networks are built once, here
     ens = model.net if flip_tta else model
@@ -65,7 +75,9 @@ def main(args: argparse.Namespace) -> int:
     model, provenance = combine(args.member, flip_tta=args.flip_tta)
     metrics = {}
     if args.data:
-        test = load_split(args.data, "test")
+        test = load_split(
+            args.data, "test", size=model.cfg.image_size, classes=tuple(model.cfg.classes) or None
+        )
         metrics["test_acc"] = common.evaluate_accuracy(model, test)
         log.info(
             "ensemble of %d, flip_tta=%s: test top-1 %.4f",

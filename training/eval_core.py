@@ -196,7 +196,7 @@ def _convergence(cfg, target, proto, x, y, clean, scorer, state, main) -> sanity
 
 def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> dict:
     t0 = time.time()
-    test = load_split(cfg.data, "test")
+    test = load_split(cfg.data, "test", size=target.image_size, classes=target.classes or None)
     split = test.subset(cfg.n, seed=cfg.seed)
     x, y = (split.images.float() / 255).to(cfg.device), split.labels.to(cfg.device)
     n = len(y)

@@ -76,6 +76,8 @@ class Target:
     spec: RTSpec | None = None
     adversarially_trained: bool = False
     source: dict = field(default_factory=dict)
+    classes: tuple[str, ...] = ()  # its output names, when known: the test split is read in this order
+    image_size: int = 32  # the test images are brought to this size (the service's rule)
 
     @property
     def randomized(self) -> bool:
@@ -105,7 +107,13 @@ class Target:
     def bare(self) -> Target:
         """The same classifier with no defense (for the 'undefended falls to ~0%' check)."""
         role = "at" if self.adversarially_trained else "undefended"
-        return Target(role, self.classifier, adversarially_trained=self.adversarially_trained)
+        return Target(
+            role,
+            self.classifier,
+            adversarially_trained=self.adversarially_trained,
+            classes=self.classes,
+            image_size=self.image_size,
+        )
 
 
 def _frozen(m: nn.Module) -> nn.Module:
@@ -136,6 +144,7 @@ def from_checkpoints(
     defense = ("full" if purifier else "none") if defense == "auto" else defense
     clf_ck = load_checkpoint(classifier)
     f = _frozen(load_classifier(clf_ck))
+    known = {"classes": tuple(f.cfg.classes), "image_size": f.cfg.image_size}
     at = clf_ck.config.get("train", {}).get("adversarial", "none") != "none"
     source = {
         "classifier": str(Path(classifier).resolve()),
@@ -151,15 +160,15 @@ def from_checkpoints(
         source |= {"purifier": str(Path(purifier).resolve()), "purifier_sha256": sha256_file(Path(purifier))}
     rt = spec or saved
     if defense == "none":
-        return Target("at" if at else "undefended", f, adversarially_trained=at, source=source)
+        return Target("at" if at else "undefended", f, adversarially_trained=at, source=source, **known)
     if rt is None:
         raise ValueError("--defense rt needs an RT spec: pass --purifier (its deployed RT) or --rt")
     if defense == "rt":
-        return Target("rt-only", f, _frozen(RTOnlyPipeline(f, rt)), rt, at, source)
+        return Target("rt-only", f, _frozen(RTOnlyPipeline(f, rt)), rt, at, source, **known)
     if not purifier:
         raise ValueError("--defense full needs --purifier")
     pipe = _frozen(DefendedPipeline(g, f, rt))
-    return Target(_role_from_purifier(stage), f, pipe, rt, at, source)
+    return Target(_role_from_purifier(stage), f, pipe, rt, at, source, **known)
 
 
 def from_store(root: str, name: str, version: int | None, defense: str = "auto") -> Target:
@@ -192,11 +201,12 @@ def from_store(root: str, name: str, version: int | None, defense: str = "auto")
         "file_sha256": manifest["files"][ts["file"]]["sha256"],
     }
     f = ScriptedRaw(scripted)
+    known = {"classes": tuple(manifest.get("classes") or ()), "image_size": spec.image_size}
     defense = ("full" if front else "none") if defense == "auto" else defense
     if not front and defense != "none":
         raise ValueError(f"{mv.path}: exported without a purifier (the classifier alone); use --defense none")
     if defense == "none":
-        return Target("at" if at else "undefended", f, adversarially_trained=at, source=source)
+        return Target("at" if at else "undefended", f, adversarially_trained=at, source=source, **known)
     if defense == "rt":
-        return Target("rt-only", f, RTOnlyPipeline(scripted.classifier, spec), spec, at, source)
-    return Target(_role_from_purifier(stage), f, StorePipeline(scripted, spec), spec, at, source)
+        return Target("rt-only", f, RTOnlyPipeline(scripted.classifier, spec), spec, at, source, **known)
+    return Target(_role_from_purifier(stage), f, StorePipeline(scripted, spec), spec, at, source, **known)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from training import eval_protocol
+from training.data import DATA_HELP
 from training.eval_attacks import ATTACKS
 from training.eval_core import evaluate
 from training.eval_plot import report_png
@@ -170,7 +171,7 @@ def _eps(text: str) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = EvalConfig(data="")
     a = p.add_argument
-    a("--data", required=True, help="CIFAR-10 source (the test split is used)")
+    a("--data", required=True, help=f"{DATA_HELP}; its test split is used")
     a("--classifier", default="", help="classifier checkpoint (checkpoint mode)")
     a("--purifier", default="", help="purifier checkpoint: AP (pre-trained) or AToP (fine-tuned)")
     a("--store", default="", help="model-store root (store mode: attack the exported TorchScript file)")
@@ -215,7 +216,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a("--zero-tol", type=float, default=d.zero_tol, help="what counts as ~0%% in the sanity checks")
     a("--force", action="store_true", help="allow gradient attacks with EOT 1 on a randomized model")
-    a("--record", action="store_true", help="publish the store version again with these numbers")
+    a(
+        "--record",
+        action="store_true",
+        help="publish the store version again, as a NEW version carrying these numbers; a running"
+        " `atop serve` on that store swaps to it at its next poll (as to any new version)",
+    )
     a(
         "--serve-samples",
         action="store_true",
@@ -235,7 +241,8 @@ def estimate_only(cfg: EvalConfig) -> str:
 
     target = build_target(cfg)
     proto = build_protocol(cfg) if target.randomized else build_protocol(cfg).deterministic()
-    split = load_split(cfg.data, "test").subset(cfg.batch_size, seed=cfg.seed)
+    split = load_split(cfg.data, "test", size=target.image_size, classes=target.classes or None)
+    split = split.subset(cfg.batch_size, seed=cfg.seed)
     x, y = (split.images.float() / 255).to(cfg.device), split.labels.to(cfg.device)
     cost = measure_cost(target, x, y, cfg.samples)
     k = cfg.samples if target.randomized else 1
@@ -259,5 +266,9 @@ def main(args: argparse.Namespace) -> int:
     result = run(EvalConfig(**values))
     print(markdown(result))  # noqa: T201
     if "recorded_as" in result:
-        print(f"recorded as {result['recorded_as']['model']} version {result['recorded_as']['version']}")  # noqa: T201
+        rec = result["recorded_as"]
+        print(  # noqa: T201
+            f"recorded as {rec['model']} version {rec['version']} ({rec['path']}): a new version;"
+            " a running `atop serve` on this store swaps to it at its next poll"
+        )
     return 3 if args.strict and not result["sanity"]["all_passed"] else 0

@@ -37,10 +37,11 @@ from torch import nn
 
 from atop import contract
 from model_store import ModelVersion, default_store, publish
+from training.checkpoint import load_checkpoint
 from training.classifier import load_classifier
 from training.data import CIFAR10_CLASSES
 from training.export_manifest import NO_PURIFIER, ONNX_FILE, TORCHSCRIPT_FILE, build_manifest, load_evaluation
-from training.purifier import IDENTITY_RT, DefendedPipeline, NoPurifier, load_purifier
+from training.purifier import IDENTITY_RT, DefendedPipeline, NoPurifier, load_purifier, purify
 from training.transforms import RTSpec, apply_rt, combine_copies
 
 log = logging.getLogger("atop.export")
@@ -59,21 +60,25 @@ class ExportConfig:
     data: str | None = None  # recorded in provenance with its checksum
     evaluation: str | None = None  # JSON file of measured numbers for the manifest
     samples: int = 1  # serving.samples: RT draws averaged per answer when a request does not say
-    classes: tuple[str, ...] | None = None  # default: CIFAR-10's names when there are 10
+    classes: tuple[str, ...] | None = None  # renames; default: the names the classifier was trained on
     opset: int = 18
     parity_seed: int = 0
     tolerance: float = 1e-4
 
 
 class OnnxPipeline(nn.Module):
-    """(image, noise, masks) -> (logits, raw_logits): the graph the service runs."""
+    """(image, noise, masks) -> (logits, raw_logits, transformed, purified): the graph the
+    service runs (outputs as in atop/contract.py; the images cost no extra compute)."""
 
     def __init__(self, pipeline: DefendedPipeline):
         super().__init__()
         self.pipeline = pipeline
 
-    def forward(self, image, noise, masks) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pipeline(image, noise, masks), self.pipeline.classifier(image)
+    def forward(self, image, noise, masks) -> tuple[torch.Tensor, ...]:
+        p = self.pipeline
+        purified = purify(p.purifier, image, noise, masks, p.noise_std)
+        transformed = apply_rt(image, noise, masks, p.noise_std)[:, :, :3]
+        return p.classifier(purified), p.classifier(image), transformed, purified
 
 
 class ScriptedPipeline(nn.Module):
@@ -116,6 +121,18 @@ class ScriptedPipeline(nn.Module):
         """The undefended classifier f(x)."""
         return self.classifier(x)
 
+    @torch.jit.export
+    def views_with(
+        self, x: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(defended logits, transformed t(x) [B,C,3,H,W], purified g(t(x)) [B,3,H,W]) for a
+        given draw: the ONNX graph's image outputs (atop/contract.py)."""
+        inp = apply_rt(x, noise, masks, self.noise_std)
+        b, c = inp.shape[0], inp.shape[1]
+        restored = self.purifier(inp.flatten(0, 1)).view(b, c, x.shape[1], x.shape[2], x.shape[3])
+        purified = combine_copies(restored, masks)
+        return self.classifier(purified), inp[:, :, :3], purified
+
 
 @contextlib.contextmanager
 def _quiet():
@@ -151,7 +168,7 @@ def export_onnx(pipeline: DefendedPipeline, path: Path, opset: int) -> None:
             dynamo=True,
             opset_version=opset,
             input_names=names,
-            output_names=[contract.OUTPUT_LOGITS, contract.OUTPUT_RAW_LOGITS],
+            output_names=[contract.OUTPUT_LOGITS, contract.OUTPUT_RAW_LOGITS, *contract.VIEW_OUTPUTS],
             dynamic_shapes={"image": {0: batch}, "noise": {0: batch}, "masks": {0: batch}},
             external_data=False,
         )
@@ -173,7 +190,13 @@ def check_parity(pipeline: DefendedPipeline, files: dict[str, Path], seed: int, 
     sess = ort.InferenceSession(str(files[ONNX_FILE]), providers=["CPUExecutionProvider"])
     with _quiet():
         scripted = torch.jit.load(str(files[TORCHSCRIPT_FILE])) if TORCHSCRIPT_FILE in files else None
+    views = [f"{fmt}_{name}" for fmt in ("onnx", "torchscript") for name in contract.VIEW_OUTPUTS]
     diffs = {"onnx": 0.0, "onnx_raw": 0.0} | ({"torchscript": 0.0} if scripted is not None else {})
+    diffs |= {k: 0.0 for k in views if scripted is not None or k.startswith("onnx")}
+
+    def worst(key: str, got, want) -> None:
+        diffs[key] = max(diffs[key], float(np.abs(np.asarray(got) - np.asarray(want)).max()))
+
     references = []  # eager logits per batch: the service replays this draw as a known answer
     for b in (1, 3):
         x = rng.random((b, 3, s, s), dtype=np.float32)
@@ -181,21 +204,28 @@ def check_parity(pipeline: DefendedPipeline, files: dict[str, Path], seed: int, 
         xt, nt, mt = (torch.from_numpy(a) for a in (x, noise, masks))
         with torch.no_grad():
             ref, raw = pipeline(xt, nt, mt).numpy(), pipeline.classifier(xt).numpy()
+            images = {  # eager t(x) and g(t(x)) for the image outputs
+                contract.OUTPUT_TRANSFORMED: apply_rt(xt, nt, mt, pipeline.noise_std)[:, :, :3].numpy(),
+                contract.OUTPUT_PURIFIED: purify(pipeline.purifier, xt, nt, mt, pipeline.noise_std).numpy(),
+            }
             if scripted is not None:
-                ts = scripted.forward_with(xt, nt, mt).numpy()
-                diffs["torchscript"] = max(diffs["torchscript"], float(np.abs(ts - ref).max()))
-        out, out_raw = sess.run(
-            [contract.OUTPUT_LOGITS, contract.OUTPUT_RAW_LOGITS],
+                worst("torchscript", scripted.forward_with(xt, nt, mt), ref)
+                ts_logits, *ts_images = scripted.views_with(xt, nt, mt)
+                worst("torchscript", ts_logits, ref)
+                for name, got in zip(contract.VIEW_OUTPUTS, ts_images, strict=True):
+                    worst(f"torchscript_{name}", got, images[name])
+        out, out_raw, *out_images = sess.run(
+            [contract.OUTPUT_LOGITS, contract.OUTPUT_RAW_LOGITS, *contract.VIEW_OUTPUTS],
             {contract.INPUT_IMAGE: x, contract.INPUT_NOISE: noise, contract.INPUT_MASKS: masks},
         )
         references.append(ref.tolist())
-        diffs["onnx"] = max(diffs["onnx"], float(np.abs(out - ref).max()))
-        diffs["onnx_raw"] = max(diffs["onnx_raw"], float(np.abs(out_raw - raw).max()))
+        worst("onnx", out, ref)
+        worst("onnx_raw", out_raw, raw)
+        for name, got in zip(contract.VIEW_OUTPUTS, out_images, strict=True):
+            worst(f"onnx_{name}", got, images[name])
     bad = {k: v for k, v in diffs.items() if not v <= tol}
     if bad:
-        raise ValueError(
-            f"parity check failed (tolerance {tol}): max abs logits difference {bad}; not published"
-        )
+        raise ValueError(f"parity check failed (tolerance {tol}): max abs difference {bad}; not published")
     log.info("parity vs eager torch: %s", {k: f"{v:.2e}" for k, v in diffs.items()})
     return {
         "tolerance": tol,
@@ -220,22 +250,32 @@ def run(cfg: ExportConfig) -> ModelVersion:
             measured,
             cfg.samples,
         )
+    classifier = load_classifier(cfg.classifier)
+    size = classifier.cfg.image_size
     if cfg.purifier == NO_PURIFIER:
         if cfg.rt or cfg.noise_std is not None:
             raise ValueError(
                 "--purifier none exports the classifier alone; --rt and --noise-std do not apply"
             )
-        purifier, spec = NoPurifier(), IDENTITY_RT
+        purifier, spec = NoPurifier(), dataclasses.replace(IDENTITY_RT, image_size=size)
     else:
-        purifier, spec = load_purifier(cfg.purifier)
+        ck = load_checkpoint(cfg.purifier)
+        purifier, spec = load_purifier(ck)
+        if spec.image_size != size:
+            raise ValueError(
+                f"{cfg.purifier} works on {spec.image_size}-px images, {cfg.classifier} on {size}-px ones"
+            )
+        trained_on = tuple(ck.config.get("classes") or ())
+        if trained_on and classifier.cfg.classes and trained_on != classifier.cfg.classes:
+            raise ValueError(
+                f"{cfg.purifier} was trained beside classes {', '.join(trained_on)}, {cfg.classifier}"
+                f" answers {', '.join(classifier.cfg.classes)}: not one pipeline"
+            )
     overrides = {k: v for k, v in (("kind", cfg.rt), ("noise_std", cfg.noise_std)) if v is not None}
     spec = dataclasses.replace(spec, **overrides)
-    pipeline = DefendedPipeline(purifier, load_classifier(cfg.classifier), spec).eval()
+    pipeline = DefendedPipeline(purifier, classifier, spec).eval()
     pipeline.requires_grad_(False)
-    k = pipeline.classifier.cfg.num_classes
-    classes = list(cfg.classes or (CIFAR10_CLASSES if k == 10 else ()))
-    if len(classes) != k:
-        raise ValueError(f"the classifier has {k} classes; pass --classes with {k} names")
+    classes = export_classes(cfg.classes, classifier.cfg, cfg.classifier)
     log.info("exporting %s with RT %s", cfg.name, spec)
     with tempfile.TemporaryDirectory(prefix="atop-export-") as tmp:
         files = {ONNX_FILE: Path(tmp) / ONNX_FILE}
@@ -248,6 +288,40 @@ def run(cfg: ExportConfig) -> ModelVersion:
         return publish(Path(cfg.store), cfg.name, files, manifest)
 
 
+def export_classes(renamed: tuple[str, ...] | None, model, where: str) -> list[str]:
+    """The manifest's class names: the ones the classifier was trained on (its data's folder
+    names, recorded in the checkpoint), or ``renamed`` (--classes), which may rename them but
+    neither change their number nor reorder them, as either would put wrong names on answers."""
+    k, names = model.num_classes, tuple(model.classes)
+    if renamed:
+        if len(renamed) != k:
+            raise ValueError(f"--classes has {len(renamed)} names; {where} answers {k} classes")
+        if len(set(renamed)) != k:
+            raise ValueError("--classes repeats a name; each class needs its own")
+        moved = [n for i, n in enumerate(renamed) if n in names and names.index(n) != i]
+        if moved:
+            raise ValueError(
+                f"--classes puts {', '.join(moved)} at another position than {where} was trained"
+                f" with ({', '.join(names)}): answers would carry the wrong names; the order is"
+                " fixed by training (leave --classes out, or rename in that order)"
+            )
+        if names and renamed != names:
+            log.warning(
+                "renaming classes: %s", ", ".join(f"{a} -> {b}" for a, b in zip(names, renamed, strict=True))
+            )
+        return list(renamed)
+    if names:
+        return list(names)
+    if k == 10:
+        log.warning(
+            "%s records no class names (trained before they were recorded); assuming CIFAR-10's: %s",
+            where,
+            ", ".join(CIFAR10_CLASSES),
+        )
+        return list(CIFAR10_CLASSES)
+    raise ValueError(f"{where} answers {k} classes and records no names; pass --classes with {k} names")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", required=True, help="classifier checkpoint (.safetensors)")
     p.add_argument(
@@ -257,7 +331,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         " (a robust classifier such as the AT baseline), with the identity as RT",
     )
     p.add_argument("--store", default=None, help="store root (default: the embedded model_store)")
-    p.add_argument("--name", default=ExportConfig.name, help="model name in the store")
+    p.add_argument(
+        "--name",
+        default=ExportConfig.name,
+        help=f"model name in the store (default {ExportConfig.name}; the service serves one name)",
+    )
     p.add_argument("--rt", choices=("rt1", "rt2", "rt3"), help="override the purifier's RT kind")
     p.add_argument("--noise-std", type=float, help="override the RT noise std (native pixels)")
     p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated: onnx[,torchscript]")
@@ -270,7 +348,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serving.samples: RT draws the service averages per answer when a request does not "
         "set `samples` (default 1; evaluate with `atop eval --samples` the same)",
     )
-    p.add_argument("--classes", help="comma-separated class names (default: CIFAR-10's)")
+    p.add_argument(
+        "--classes",
+        help="comma-separated class names to publish instead of those the classifier was trained on"
+        " (its data's folder names, in sorted order): renames only; another count or order is"
+        " refused (default: the trained names)",
+    )
     p.add_argument("--opset", type=int, default=ExportConfig.opset, help="ONNX opset (>= 17)")
     p.add_argument("--parity-seed", type=int, default=ExportConfig.parity_seed)
     p.add_argument("--tolerance", type=float, default=ExportConfig.tolerance, help="parity max abs diff")

@@ -33,6 +33,7 @@ def _tensor(name: str, shape: list, description: str) -> dict:
 
 def graph_entry(spec: RTSpec, opset: int, num_classes: int, front: bool = True) -> dict:
     s, c = spec.image_size, spec.copies
+    views = contract.view_shapes(spec.to_dict())
     defended = "defended logits f(g(t(x)))" if front else "logits f(x): no purifier, the RT is the identity"
     noise_use = (
         "ignored for rt1"
@@ -56,6 +57,17 @@ def graph_entry(spec: RTSpec, opset: int, num_classes: int, front: bool = True) 
         "outputs": [
             _tensor(contract.OUTPUT_LOGITS, ["B", num_classes], defended),
             _tensor(contract.OUTPUT_RAW_LOGITS, ["B", num_classes], "undefended classifier logits f(x)"),
+            _tensor(
+                contract.OUTPUT_TRANSFORMED,
+                views[contract.OUTPUT_TRANSFORMED],
+                "t(x), the purifier's input: the noisy image in [0,1] with the missing pixels (the masks"
+                " input) set to 0, one per copy" + ("" if front else "; the identity here: x"),
+            ),
+            _tensor(
+                contract.OUTPUT_PURIFIED,
+                views[contract.OUTPUT_PURIFIED],
+                "g(t(x)), the image the defended classifier sees" + ("" if front else "; x here"),
+            ),
         ],
     }
 
@@ -68,6 +80,7 @@ TORCHSCRIPT_ENTRY = {
         "forward_with": "(x, noise, masks) as the ONNX inputs -> defended logits",
         "raw_logits": "x -> undefended classifier logits",
         "sample_masks": "(batch, device) -> masks [B,C,1,H,W], 1 = missing",
+        "views_with": "(x, noise, masks) -> (defended logits, transformed, purified) as the ONNX outputs",
     },
 }
 

@@ -57,6 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, stage="finetune")
     torch.manual_seed(cfg.seed)
-    metrics = run(cfg, resume=args.resume, threads=args.threads)
+    metrics = run(cfg, resume=args.resume, overwrite=args.overwrite, threads=args.threads)
     log.info("done: %s", metrics)
     return 0

@@ -43,8 +43,22 @@ from tqdm import tqdm
 from training import common, robust_check
 from training.attacks import fgsm_rs, pgd
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.classifier import ClassifierConfig, build_classifier, load_classifier
-from training.data import Split, batches, load_split, steps_per_epoch
+from training.classifier import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    ClassifierConfig,
+    build_classifier,
+    load_classifier,
+)
+from training.data import (
+    CIFAR10_CLASSES,
+    DATA_HELP,
+    Split,
+    batches,
+    channel_stats,
+    load_split,
+    steps_per_epoch,
+)
 from training.purifier import load_purifier, purify
 from training.robust_check import BestEpoch, RobustCheck, robust_accuracy
 from training.train_purifier import evaluate as evaluate_purified
@@ -60,6 +74,7 @@ class TrainClassifierConfig:
     arch: str = "resnet"  # resnet | fast
     depth: int = 3  # residual blocks per stage (3 = ResNet-20)
     width: int = 16  # channels of the first stage
+    image_size: int = 32  # training images are brought to this square size (the service's rule)
     epochs: int = 40
     batch_size: int = 128
     lr: float = 0.1  # peak learning rate of the one-cycle schedule
@@ -87,8 +102,23 @@ class TrainClassifierConfig:
     checkpoint_every_s: float = 300.0
     max_steps: int = 0  # stop early after this many steps (tests, time-boxed runs)
 
-    def classifier(self) -> ClassifierConfig:
-        return ClassifierConfig(depth=self.depth, width=self.width, arch=self.arch)
+    def classifier(self, train: Split) -> ClassifierConfig:
+        """The network for ``train``'s classes: as many outputs, their names, and the input
+        normalisation of its pixels (CIFAR-10's customary figures for CIFAR-10 itself)."""
+        if train.classes == CIFAR10_CLASSES and self.image_size == 32:
+            mean, std = CIFAR10_MEAN, CIFAR10_STD
+        else:
+            mean, std = channel_stats(train)
+        return ClassifierConfig(
+            depth=self.depth,
+            width=self.width,
+            arch=self.arch,
+            num_classes=len(train.classes),
+            classes=train.classes,
+            image_size=self.image_size,
+            mean=mean,
+            std=std,
+        )
 
     def alpha(self) -> float:
         if self.adv_alpha > 0:
@@ -96,7 +126,9 @@ class TrainClassifierConfig:
         return 1.25 * self.adv_eps if self.adversarial == "fgsm" else 2 / 255
 
 
-def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None = None) -> dict:
+def run(
+    cfg: TrainClassifierConfig, *, resume: bool = False, overwrite: bool = False, threads: int | None = None
+) -> dict:
     if cfg.purifier and cfg.adversarial != "none":
         raise ValueError("--purifier and --adversarial cannot be combined")
     if not 0.0 < cfg.purified_fraction <= 1.0:
@@ -108,10 +140,13 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         raise ValueError(f"--adversarial must be none, fgsm or pgd, not {cfg.adversarial!r}")
     info = common.init_distributed(threads)
     out = Path(cfg.out)
-    train = load_split(cfg.data, "train")
-    test = load_split(cfg.data, "test")
+    common.claim_out(out, resume=resume, overwrite=overwrite)
+    train = load_split(cfg.data, "train", size=cfg.image_size)
+    test = load_split(cfg.data, "test", size=cfg.image_size, classes=train.classes)
+    log.info("%d classes: %s", len(train.classes), ", ".join(train.classes))
     if cfg.limit_train:
         train = train.subset(cfg.limit_train, seed=cfg.seed)
+    model_cfg = cfg.classifier(train)
     check = RobustCheck(images=cfg.robust_check, eps=cfg.adv_eps, seed=cfg.seed)
     held = None
     if cfg.adversarial != "none" and check.images:
@@ -119,7 +154,7 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
     best = BestEpoch(out, check)
     if cfg.limit_test:
         test = test.subset(cfg.limit_test, seed=cfg.seed)
-    model = build_classifier(cfg.classifier()).to(info.device, memory_format=torch.channels_last)
+    model = build_classifier(model_cfg).to(info.device, memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
@@ -143,9 +178,16 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         log.info("resumed from %s at step %d", ck.path, step)
     elif cfg.init:  # warm restart: weights only, a new one-cycle schedule
         init = load_classifier(cfg.init)
-        if init.cfg != cfg.classifier():
+        shape = ("arch", "depth", "width", "num_classes", "flip_tta")
+        if any(getattr(init.cfg, k) != getattr(model_cfg, k) for k in shape):
             raise ValueError(
-                f"{cfg.init}: not a {cfg.arch} classifier checkpoint with depth {cfg.depth}, width {cfg.width}"
+                f"{cfg.init}: not a {cfg.arch} classifier checkpoint with depth {cfg.depth}, width"
+                f" {cfg.width} and {model_cfg.num_classes} classes"
+            )
+        if init.cfg.classes and init.cfg.classes != model_cfg.classes:
+            raise ValueError(
+                f"{cfg.init} was trained on classes {', '.join(init.cfg.classes)}; this data has"
+                f" {', '.join(model_cfg.classes)}"
             )
         model.load_state_dict(init.state_dict())
         if average:
@@ -161,7 +203,17 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
         )
     soft, labels = None, train.labels
     if cfg.teacher:
-        soft = soft_targets(load_classifier(cfg.teacher).to(info.device), train, cfg.distill_temperature)
+        teacher = load_classifier(cfg.teacher)
+        if teacher.cfg.num_classes != model_cfg.num_classes or teacher.cfg.classes not in (
+            (),
+            model_cfg.classes,
+        ):
+            raise ValueError(
+                f"--teacher {cfg.teacher} answers {teacher.cfg.num_classes} classes"
+                f" ({', '.join(teacher.cfg.classes) or 'unnamed'}); this data has"
+                f" {', '.join(model_cfg.classes)}"
+            )
+        soft = soft_targets(teacher.to(info.device), train, cfg.distill_temperature)
         # The loop hands each step its images' positions in place of their labels, so the step
         # can look up both the label and the soft target.
         train = Split(train.images, torch.arange(len(train)), train.classes, train.source, train.checksum)
@@ -172,7 +224,7 @@ def run(cfg: TrainClassifierConfig, *, resume: bool = False, threads: int | None
             cfg.distill_temperature,
         )
     ddp = common.wrap_ddp(model, info)
-    saved_config = {"kind": "classifier", "train": asdict(cfg), "model": cfg.classifier().to_dict()}
+    saved_config = {"kind": "classifier", "train": asdict(cfg), "model": model_cfg.to_dict()}
 
     def save(name: str, step: int, epoch: int, metrics: dict | None) -> None:
         last = name == "last.safetensors"
@@ -271,11 +323,16 @@ def soft_targets(teacher: torch.nn.Module, split: Split, temperature: float) -> 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = {f.name: f.default for f in fields(TrainClassifierConfig)}
-    p.add_argument("--data", required=True, help="CIFAR-10 folder/tar.gz tree or cifar-10-python.tar.gz")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--out", required=True, help="run folder: checkpoints and metrics.jsonl")
     for name, help_ in [
         ("depth", "residual blocks per stage (resnet: 3 = ResNet-20; fast: conv units, 1)"),
         ("width", "channels of the first stage"),
+        (
+            "image_size",
+            "side of the square images the model takes: every training and test image is"
+            " centre-cropped to a square and resized to it, as the service does with requests",
+        ),
         ("epochs", "training epochs"),
         ("batch_size", "batch size per process"),
         ("lr", "peak learning rate (one-cycle: warm-up then cosine)"),
@@ -348,6 +405,6 @@ def config_from_args(args: argparse.Namespace) -> TrainClassifierConfig:
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     torch.manual_seed(cfg.seed)  # model init only; data and attacks use their own generators
-    metrics = run(cfg, resume=args.resume, threads=args.threads)
+    metrics = run(cfg, resume=args.resume, overwrite=args.overwrite, threads=args.threads)
     log.info("done: %s", metrics)
     return 0

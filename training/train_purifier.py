@@ -29,7 +29,7 @@ from training import common, robust_check
 from training.attacks import fgsm, pgd
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.classifier import load_classifier
-from training.data import batches, load_split, steps_per_epoch
+from training.data import DATA_HELP, batches, load_split, steps_per_epoch
 from training.purifier import (
     DefendedPipeline,
     PatchDiscriminator,
@@ -53,7 +53,8 @@ class PurifierTrainConfig:
     rt: str = "rt2"
     noise_std: float = 0.0625  # deployed σ, saved in the RT spec
     noise_max: float = 0.125  # train σ ~ U[0, noise_max] per image; 0 = always noise_std
-    block: int = 4
+    block: int = 0  # mask block side in pixels; 0 = image size / 8 (4 at 32 px)
+    image_size: int = 0  # 0 = the classifier's (32 without --classifier)
     missing: float = 0.25
     num_masks: int = 4
     width: int = 32
@@ -82,13 +83,16 @@ class PurifierTrainConfig:
     checkpoint_every_s: float = 300.0
     max_steps: int = 0
 
-    def spec(self) -> RTSpec:
-        return RTSpec(self.rt, self.noise_std, self.block, self.missing, self.num_masks)
+    def spec(self, size: int = 32) -> RTSpec:
+        """The deployed RT at ``size`` px; the default block keeps the 8 x 8 grid of 32 px / 4."""
+        block = self.block or max(1, size // 8)
+        return RTSpec(self.rt, self.noise_std, block, self.missing, self.num_masks, image_size=size)
 
-    def train_spec(self) -> RTSpec:
+    def train_spec(self, size: int = 32) -> RTSpec:
         """Masks seen in training: one hole pattern per image (RT3's copies look like RT2's)."""
         missing = 1.0 / self.num_masks if self.rt == "rt3" else self.missing
-        return RTSpec("rt2", self.noise_std, self.block, missing, self.num_masks)
+        deployed = self.spec(size)
+        return RTSpec("rt2", self.noise_std, deployed.block, missing, self.num_masks, image_size=size)
 
 
 @torch.no_grad()
@@ -111,24 +115,30 @@ def evaluate(purifier, classifier, spec: RTSpec, split, seed: int = 1234) -> dic
     return res
 
 
-def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None = None) -> dict:
+def run(
+    cfg: PurifierTrainConfig, *, resume: bool = False, overwrite: bool = False, threads: int | None = None
+) -> dict:
     common.check_precision(cfg.precision)
+    if cfg.stage == "finetune" and (not cfg.classifier or not cfg.init):
+        raise ValueError("fine-tuning needs --classifier and --purifier checkpoints")
     info = common.init_distributed(threads)
     out = Path(cfg.out)
-    train = load_split(cfg.data, "train")
-    test = load_split(cfg.data, "test")
-    if cfg.limit_train:
-        train = train.subset(cfg.limit_train, seed=cfg.seed)
-    test = test.subset(cfg.limit_test or cfg.eval_images, seed=cfg.seed)
-    spec, tspec = cfg.spec(), cfg.train_spec()
+    common.claim_out(out, resume=resume, overwrite=overwrite)
     # channels_last throughout (purifier, D, the frozen classifier): 1.2-1.4x the NCHW training
     # step on a CPU, fp32 and bf16 alike (one thread, batch 128, pre-training and fine-tuning).
     cl = torch.channels_last
     classifier = load_classifier(cfg.classifier).to(info.device, memory_format=cl) if cfg.classifier else None
     if classifier is not None:
         classifier.requires_grad_(False)
-    if cfg.stage == "finetune" and (classifier is None or not cfg.init):
-        raise ValueError("fine-tuning needs --classifier and --purifier checkpoints")
+    size = _image_size(cfg, classifier)
+    train = load_split(cfg.data, "train", size=size)
+    test = load_split(cfg.data, "test", size=size, classes=train.classes)
+    if classifier is not None:
+        _check_classes(classifier.cfg, cfg.classifier, train)
+    if cfg.limit_train:
+        train = train.subset(cfg.limit_train, seed=cfg.seed)
+    test = test.subset(cfg.limit_test or cfg.eval_images, seed=cfg.seed)
+    spec, tspec = cfg.spec(size), cfg.train_spec(size)
     check = RobustCheck(images=cfg.robust_check, eot=cfg.robust_eot, eps=cfg.adv_eps, seed=cfg.seed)
     held = None
     if cfg.stage == "finetune" and check.images:  # through the whole pipeline, EOT over the RT
@@ -163,6 +173,7 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
         "train": asdict(cfg),
         "model": PurifierConfig(cfg.width).to_dict(),
         "rt": spec.to_dict(),
+        "classes": list(train.classes),
     }
 
     def save(name: str, step: int, epoch: int, metrics: dict | None) -> None:
@@ -275,11 +286,31 @@ def run(cfg: PurifierTrainConfig, *, resume: bool = False, threads: int | None =
     return metrics
 
 
+def _image_size(cfg: PurifierTrainConfig, classifier) -> int:
+    """The purifier works at its classifier's input size (the RT draws and g's output go
+    straight into f); --image-size may only restate it."""
+    own = classifier.cfg.image_size if classifier is not None else None
+    if cfg.image_size and own and cfg.image_size != own:
+        raise ValueError(f"--image-size {cfg.image_size}, but {cfg.classifier} takes {own}-px images")
+    return cfg.image_size or own or 32
+
+
+def _check_classes(model_cfg, where: str, train) -> None:
+    """The data's classes must be the classifier's, in its order (older checkpoints carry no
+    names: then only the count can be checked)."""
+    if model_cfg.num_classes != len(train.classes) or model_cfg.classes not in ((), train.classes):
+        raise ValueError(
+            f"the data's classes ({', '.join(train.classes)}) are not those of classifier {where}"
+            f" ({', '.join(model_cfg.classes) or f'{model_cfg.num_classes} unnamed'})"
+        )
+
+
 ARGS = [  # (field, help); defaults come from the config (per stage)
     ("rt", "random transform: rt1 (masks), rt2 (noise + masks), rt3 (noise + partition masks)"),
     ("noise_std", "deployed Gaussian noise std per native pixel, saved in the RT spec"),
     ("noise_max", "train with σ ~ U[0, noise_max] per image (0 = always --noise-std)"),
-    ("block", "mask block side in native pixels"),
+    ("block", "mask block side in pixels (0 = image size / 8: 4 at 32 px)"),
+    ("image_size", "image side; 0 = the classifier's (the purifier must work at f's input size)"),
     ("missing", "fraction of blocks removed (RT1/RT2)"),
     ("num_masks", "RT3: number of partition masks (purifier passes)"),
     ("width", "purifier width (32: CPU model, 64: GPU model)"),
@@ -300,7 +331,7 @@ ARGS = [  # (field, help); defaults come from the config (per stage)
 
 
 def add_common_arguments(p: argparse.ArgumentParser, defaults: PurifierTrainConfig, extra=()) -> None:
-    p.add_argument("--data", required=True, help="CIFAR-10 folder/tar.gz tree or cifar-10-python.tar.gz")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--out", required=True, help="run folder: checkpoints and metrics.jsonl")
     for name, help_ in [*ARGS, *extra]:
         d = getattr(defaults, name)
@@ -330,6 +361,6 @@ def config_from_args(args: argparse.Namespace, **fixed) -> PurifierTrainConfig:
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, stage="pretrain")
     torch.manual_seed(cfg.seed)
-    metrics = run(cfg, resume=args.resume, threads=args.threads)
+    metrics = run(cfg, resume=args.resume, overwrite=args.overwrite, threads=args.threads)
     log.info("done: %s", metrics)
     return 0

@@ -46,9 +46,19 @@ async def reload(
     },
     summary="Serve this version and pin it (roll back or forward)",
 )
-async def activate(registry: RegistryDep, version: int = Path(ge=1)) -> Outcome:
+async def activate(
+    registry: RegistryDep,
+    version: int = Path(ge=1),
+    accept_contract_change: bool = Query(
+        False,
+        description="serve it even though its class list (names, order, count) or input size"
+        " differs from the active version's: clients reading labels must be ready for that",
+    ),
+) -> Outcome:
+    """Refused (409) if the version fails verification or self-test, or changes the class list or
+    input size without ``accept_contract_change=true``; the old version keeps serving."""
     try:
-        outcome = await registry.activate(version)
+        outcome = await registry.activate(version, accept_contract_change=accept_contract_change)
     except KeyError:
         raise ApiError(
             404, "version_not_found", f"no version {version} of {registry.name!r} in the store"

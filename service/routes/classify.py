@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.batcher import BatcherClosed, DeadlineExceeded, InferenceFailed, QueueFull
+from service.batcher import BatcherClosed, DeadlineExceeded, InferenceFailed, Job, QueueFull
 from service.decode import decode_many
 from service.deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from service.errors import ApiError
 from service.inputs import ClassifyOptions, parse_options, parse_request
 from service.logs import current_request_id
 from service.predict import make_rows, summarize
-from service.schemas import ERROR_RESPONSES, ClassifyResponse, ModelRef, Timing
+from service.registry import Slot
+from service.schemas import ERROR_RESPONSES, ClassifyResponse, ImageResult, ModelRef, Timing
 
 router = APIRouter(tags=["classify"])
 
 
-_BODY_DOC = {
+BODY_DOC = {
     "requestBody": {
         "description": "one image as the raw body (image/png, image/jpeg, image/webp, image/bmp), "
         "images as multipart/form-data files, or JSON "
@@ -52,21 +54,30 @@ def _prepare(blobs, slot, samples, seed, max_pixels):
     return len(images), make_rows(images, slot.facts.spec, samples, seed)
 
 
-@router.post(
-    "/classify",
-    response_model=ClassifyResponse,
-    responses=ERROR_RESPONSES,
-    openapi_extra=_BODY_DOC,
-    dependencies=[Depends(require_api_key)],
-    summary="Classify images through the AToP defense",
-)
-async def classify(
-    request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
-) -> ClassifyResponse:
-    """Options (query string or body): ``top_k``, ``samples`` (RT draws averaged, capped by the
-    server; default: the model version's ``serving.samples``; a version without randomness
-    answers with one draw, which is the same answer), ``seed`` (reproducible randomness),
-    ``deadline_ms`` (shorter than the server's)."""
+@dataclass
+class Served:
+    """One request answered by the model: what /classify and /inspect build their answers from."""
+
+    slot: Slot  # the version that served it (leased while it ran, released since)
+    opts: ClassifyOptions
+    n: int  # images
+    samples: int  # draws per image: rows i*samples + j
+    job: Job  # rows, randomness and outputs
+    t0: float  # perf_counter at the start of the request
+
+    def timing(self) -> Timing:
+        job, total = self.job, time.perf_counter() - self.t0
+        return Timing(
+            queue_ms=round(((job.started or job.enqueued) - job.enqueued) * 1000, 3),
+            inference_ms=round(job.inference_s * 1000, 3),
+            total_ms=round(total * 1000, 3),
+            batch_rows=list(job.batches),
+        )
+
+
+async def serve(request: Request, registry, settings, *, views: bool = False) -> Served:
+    """Parse, decode, sample and run one request through the batcher, with every limit and
+    error of /classify. ``views``: also fetch the graph's image outputs (when it has them)."""
     t0 = time.perf_counter()
     blobs, body_options = await parse_request(
         request, max_body=settings.max_body_bytes, max_images=settings.max_images
@@ -86,7 +97,7 @@ async def classify(
         remaining = deadline_ms / 1000.0 - (time.perf_counter() - t0)
         if remaining <= 0:
             raise DeadlineExceeded()
-        job = await slot.batcher.infer(rows, noise, masks, remaining)
+        job = await slot.batcher.infer(rows, noise, masks, remaining, views=views)
     except QueueFull as e:
         raise ApiError(
             429, "queue_full", "the server is busy; retry later", {"Retry-After": str(e.retry_after)}
@@ -99,25 +110,44 @@ async def classify(
         raise ApiError(500, "inference_failed", "the model failed on this batch") from None
     finally:
         registry.release(slot)
+    return Served(slot, opts, n, samples, job, t0)
+
+
+def answers(served: Served, metrics) -> list[ImageResult]:
+    """Per-image results, counted in the images and suspicions metrics."""
+    s = served
     results = summarize(
-        job.logits, job.raw, n=n, samples=samples, classes=slot.facts.classes, top_k=opts.top_k
+        s.job.logits, s.job.raw, n=s.n, samples=s.samples, classes=s.slot.facts.classes, top_k=s.opts.top_k
     )
-    metrics.images.inc(n)
+    metrics.images.inc(s.n)
     flagged = sum(1 for r in results if r.suspicion is not None and r.suspicion.suspicious)
     if flagged:
         metrics.suspicions.inc(flagged)
-    total = time.perf_counter() - t0
-    queue_s = (job.started or job.enqueued) - job.enqueued
+    return results
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=BODY_DOC,
+    dependencies=[Depends(require_api_key)],
+    summary="Classify images through the AToP defense",
+)
+async def classify(
+    request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
+) -> ClassifyResponse:
+    """Options (query string or body): ``top_k``, ``samples`` (RT draws averaged, capped by the
+    server; default: the model version's ``serving.samples``; a version without randomness
+    answers with one draw, which is the same answer), ``seed`` (reproducible randomness),
+    ``deadline_ms`` (shorter than the server's)."""
+    served = await serve(request, registry, settings)
+    results = answers(served, metrics)
     return ClassifyResponse(
         request_id=current_request_id() or "",
-        model=ModelRef(name=slot.name, version=slot.version),
-        samples=samples,
-        seed=opts.seed,
+        model=ModelRef(name=served.slot.name, version=served.slot.version),
+        samples=served.samples,
+        seed=served.opts.seed,
         results=results,
-        timing=Timing(
-            queue_ms=round(queue_s * 1000, 3),
-            inference_ms=round(job.inference_s * 1000, 3),
-            total_ms=round(total * 1000, 3),
-            batch_rows=list(job.batches),
-        ),
+        timing=served.timing(),
     )

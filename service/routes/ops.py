@@ -46,18 +46,22 @@ async def metrics(m: MetricsDep) -> Response:
 
 async def describe(registry: Registry) -> ModelsResponse:
     """The store's versions of the model, the active one with its manifest, the last reload."""
-    known = {mv.version for mv in await registry.scan()}
+    manifests = {mv.version: mv.manifest for mv in await registry.scan()}
     slot = registry.active
     if slot is not None:
-        known.add(slot.version)
+        manifests[slot.version] = slot.manifest
     versions = []
-    for v in sorted(known):
+    for v, m in sorted(manifests.items()):
+        facts = {
+            "evaluated": bool(((m or {}).get("evaluation") or {}).get("robust")),
+            "classes": len((m or {}).get("classes") or []),
+        }
         if slot is not None and v == slot.version:
-            versions.append(VersionInfo(version=v, status="active"))
+            versions.append(VersionInfo(version=v, status="active", **facts))
         elif v in registry.refused:
-            versions.append(VersionInfo(version=v, status="refused", reason=registry.refused[v]))
+            versions.append(VersionInfo(version=v, status="refused", reason=registry.refused[v], **facts))
         else:
-            versions.append(VersionInfo(version=v, status="available"))
+            versions.append(VersionInfo(version=v, status="available", **facts))
     active = None
     if slot is not None:
         active = ActiveModel(
