@@ -184,6 +184,17 @@ def test_images_of_any_size_are_brought_to_the_model_size_by_the_service_rule(tm
     assert np.array_equal((served * 255).round().astype(np.uint8), split.images[0].numpy())
 
 
+def test_class_folders_may_be_symlinks(tmp_path):
+    real = write_classes(tmp_path / "real", ("a", "b"))
+    linked = tmp_path / "linked"
+    for split in ("train", "test"):
+        (linked / split).mkdir(parents=True)
+        for c in ("a", "b"):
+            (linked / split / c).symlink_to(real / split / c, target_is_directory=True)
+    split = load_split(linked, "train", cache=False)
+    assert split.classes == ("a", "b") and len(split) == 8
+
+
 # --- runs do not mix --------------------------------------------------------------------------
 
 

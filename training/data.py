@@ -152,7 +152,12 @@ def _from_member_names(
 
 def _load_folder(root: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     base = root / split if (root / split).is_dir() else root
-    names = [str(p.relative_to(base.parent)) for p in base.rglob("*") if p.is_file()]
+    # os.walk with followlinks: a class folder may be a symlink to images kept elsewhere.
+    names = [
+        str((Path(d) / f).relative_to(base.parent))
+        for d, _, files in os.walk(base, followlinks=True)
+        for f in files
+    ]
     classes, items = _from_member_names(names, base.name if base != root else split, str(root))
     ims = [_decode((base.parent / n).read_bytes(), str(base.parent / n), size) for n, _ in items]
     x, y = _stack(ims, [c for _, c in items], str(root))
