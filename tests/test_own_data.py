@@ -300,3 +300,16 @@ def test_a_version_without_evaluation_is_flagged(service_store, tiny_version):
     with serve(service_store) as c:
         flags = {v["version"]: v["evaluated"] for v in ok(c.get("/v1/models"))["versions"]}
     assert flags == {1: False, 2: True}
+
+
+def test_a_published_version_exports_again_as_a_classifier(tiny_version, tmp_path):
+    """``--classifier`` may be a store version folder (its f, from the TorchScript file): the
+    manifest then records that version as the classifier's origin, with its recipe."""
+    store = tmp_path / "store"
+    mv = export.run(export.ExportConfig(str(tiny_version.path), "none", str(store)))
+    recipe = mv.manifest["provenance"]["recipe"]["classifier"]
+    assert recipe["from_version"]["manifest_sha256"] == tiny_version.manifest["manifest_sha256"]
+    assert (
+        recipe["config"]["kind"] == "classifier"
+        and mv.manifest["classes"] == tiny_version.manifest["classes"]
+    )

@@ -101,6 +101,14 @@ def dataset_ref(path: Path) -> dict:
 
 
 def _recipe(path: str) -> dict:
+    if Path(path).is_dir():  # a published version's classifier (training.classifier_from_store)
+        from model_store import verify
+
+        manifest = verify(Path(path))
+        inherited = dict((manifest.get("provenance", {}).get("recipe") or {}).get("classifier") or {})
+        return inherited | {
+            "from_version": {"path": str(path), "manifest_sha256": manifest["manifest_sha256"]}
+        }
     ck = load_checkpoint(path)
     info = {k: ck.header.get(k) for k in ("step", "epoch", "metrics", "git_commit")}
     return {"file": Path(path).name, "sha256": sha256_file(Path(path)), **info, "config": ck.config}
