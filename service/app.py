@@ -13,7 +13,7 @@ from service.errors import install_handlers
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.registry import Registry
-from service.routes import admin, classify, inspect, ops, ui
+from service.routes import admin, classify, docs, inspect, ops, ui
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("atop.service")
@@ -50,6 +50,8 @@ def create_app(settings: Settings | None = None, *, loader=load_backend) -> Fast
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's loads Swagger UI from a CDN: ours is routes/docs.py
+        redoc_url=None,  # from a CDN too, and with nothing to serve it from here
     )
     app.state.settings = settings  # the SettingsDep of every route (service/deps.py)
     install_handlers(app)
@@ -59,6 +61,7 @@ def create_app(settings: Settings | None = None, *, loader=load_backend) -> Fast
     app.include_router(ops.router)
     app.include_router(admin.router)
     app.include_router(ui.router)
+    app.include_router(docs.router)
     app.mount(ui.STATIC_PREFIX, ui.static_files(), name="ui-static")
     return app
 

@@ -5,13 +5,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import types
 import typing
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from service.settings import Settings
 
@@ -45,10 +47,76 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=kind, choices=choices, default=None, help=help_, dest=name)
 
 
+class InvalidSettings(ValueError):
+    """Settings that do not validate: ``problems`` holds one line for each, naming the flag or
+    the environment variable that set the value (never a secret's value)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_SECRETS = {
+    n for n, f in Settings.model_fields.items() if SecretStr in (f.annotation, *typing.get_args(f.annotation))
+}
+
+
+def _problem(err: dict, given: dict) -> str:
+    """One pydantic error as one line: where the value came from, then what is wrong with it."""
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    name = str(err["loc"][0]) if err.get("loc") else None
+    if name not in Settings.model_fields:  # a check across settings (the model validator)
+        return msg
+    secret = name in _SECRETS
+    if name in given:
+        return f"--{name.replace('_', '-')}{'' if secret else ' ' + str(err.get('input'))}: {msg}"
+    return f"ATOP_{name.upper()}{'' if secret else '=' + str(err.get('input'))}: {msg}"
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Environment first, then the flags given on the command line; fails on invalid values."""
+    """Environment first, then the flags given on the command line; invalid values raise
+    ``InvalidSettings``, one line per problem."""
     given = {k: getattr(args, k) for k in Settings.model_fields if getattr(args, k, None) is not None}
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        raise InvalidSettings([_problem(err, given) for err in e.errors(include_url=False)]) from None
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail at once, in one line, when ``host:port`` cannot be listened on (typically: another
+    server has it), before anything loads, not after "Application startup complete". Binds as
+    uvicorn does (SO_REUSEADDR, IPv6-only sockets) and closes at once; the port can still be
+    taken between this check and uvicorn's bind, which then fails as before."""
+    if port == 0:  # any free port
+        return
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"cannot listen on {where}: {e.strerror}; check --host") from None
+    bound, unavailable = 0, None
+    for family, kind, proto, _, addr in dict.fromkeys(infos):
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise ValueError(
+                        f"cannot listen on {where}: the address is already in use (is another server"
+                        " running there?); stop it or choose another --port"
+                    ) from None
+                # EADDRNOTAVAIL: that family is not enabled here; skipped, as asyncio does
+                if e.errno == errno.EADDRNOTAVAIL:
+                    unavailable = e
+                    continue
+                raise ValueError(f"cannot listen on {where}: {e.strerror}; check --host and --port") from None
+            bound += 1
+    if not bound and unavailable is not None:
+        raise ValueError(f"cannot listen on {where}: {unavailable.strerror}; check --host")
 
 
 def _export_env(settings: Settings) -> None:
@@ -82,7 +150,13 @@ def main(args: argparse.Namespace) -> int:
 
     from service.logs import configure_logging
 
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except InvalidSettings as e:
+        for problem in e.problems:
+            log.error("invalid setting: %s", problem)
+        return 2
+    check_port(settings.host, settings.port)  # before the model loads: see check_port
     preflight(settings)
     configure_logging("debug" if getattr(args, "verbose", False) else settings.log_level, settings.log_format)
     common = dict(

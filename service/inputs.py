@@ -93,6 +93,8 @@ def _from_json(body: bytes) -> tuple[list[bytes], dict]:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from e
+    except RecursionError:  # nested deeper than the parser's recursion limit (a request is 2 deep)
+        raise ApiError(400, "invalid_json", "body is not a request: JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "invalid_request", "JSON body must be an object with an 'images' list")
     if "image" in doc and "images" in doc:

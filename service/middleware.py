@@ -1,7 +1,9 @@
 """Per-request context (pure ASGI): request id, request metrics, one access log line.
 
 Also the last line of defence: an exception that escapes a route becomes a JSON 500 with the
-request id, logged with its traceback on the server and never shown to the client.
+request id, logged with its traceback on the server and never shown to the client. A client that
+goes away before its request is read (``ClientDisconnect``) is no server error: it is counted
+and logged as 499, nginx's "client closed request", with no answer and no traceback.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ import json
 import logging
 import time
 
+from starlette.requests import ClientDisconnect
+
 from service.errors import error_body
 from service.logs import new_request_id, set_request_id
 
 log = logging.getLogger("atop.access")
 _QUIET = {"/healthz", "/readyz", "/metrics"}
+CLIENT_CLOSED = 499  # the status label of a request whose client went away (nginx's)
 
 
 class RequestContextMiddleware:
@@ -39,6 +44,8 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # nobody is left to answer, and nothing failed here
+            state["status"] = CLIENT_CLOSED
         except Exception:
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             if not state["started"]:

@@ -10,7 +10,9 @@ order or count) or another input size — is refused by reload and the watcher w
 numbers; only an operator's explicit activation with ``accept_contract_change`` serves it.
 A refused candidate is remembered with its reason (``/v1/models``, the
 ``atop_model_reloads{result="refused"}`` counter, a warning in the log) and the old version keeps
-serving. The watcher polls the store and moves to the newest valid version unless one is pinned.
+serving. The first version to serve (at startup, or found by the watcher after
+``wait_for_model``) counts as ``result="loaded"``: it replaces nothing, so it is no swap. The
+watcher polls the store and moves to the newest valid version unless one is pinned.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from service.schemas import Outcome
 from service.selftest import Facts, Refused, manifest_facts, robustness_regressions, self_test
 
 log = logging.getLogger("atop.service")
+SERVED = ("loaded", "swapped")  # outcomes after which the candidate serves: first load, or a swap
 
 
 class NotReady(Exception):
@@ -186,9 +189,10 @@ class Registry:
         batcher.start()
         slot = Slot(mv.name, mv.version, manifest, facts, backend, batcher, selftest=report)
         old, self.active = self.active, slot  # the swap: one reference, on the event loop
+        result = "swapped" if old is not None else "loaded"  # the first version replaces nothing
         self.refused.pop(mv.version, None)
         self.metrics.set_active(mv.version)
-        self.metrics.reloads.labels("swapped").inc()
+        self.metrics.reloads.labels(result).inc()
         log.info(
             "serving %s v%d (%s on %s, %d draw%s per answer by default, ready in %.2fs)%s",
             mv.name,
@@ -202,7 +206,7 @@ class Registry:
         )
         if old is not None:
             self._retire(old)
-        return Outcome(result="swapped", active_version=mv.version, candidate=mv.version)
+        return Outcome(result=result, active_version=mv.version, candidate=mv.version)
 
     # --- public operations -------------------------------------------------------------------
     async def scan(self) -> list[store.ModelVersion]:
@@ -217,7 +221,7 @@ class Registry:
         async with self._lock:
             for mv in sorted(versions, key=lambda v: v.version, reverse=True):
                 self.last = await self._try(mv, gated=False)
-                if self.last.result == "swapped":
+                if self.last.result in SERVED:
                     return
         what = f"version {self.pinned} of " if self.pinned else ""
         if not versions:
@@ -249,7 +253,7 @@ class Registry:
                 if mv.version in self.refused:
                     continue
                 outcome = await self._try(mv, gated=True)
-                if outcome.result == "swapped":
+                if outcome.result in SERVED:
                     break
             if outcome.result == "unchanged":
                 self.metrics.reloads.labels("unchanged").inc()

@@ -81,7 +81,11 @@ class Ready(BaseModel):
 class Outcome(BaseModel):
     """The result of a reload or activation (also kept by the registry as its last outcome)."""
 
-    result: Literal["swapped", "unchanged", "refused"]
+    result: Literal["loaded", "swapped", "unchanged", "refused"] = Field(
+        description="loaded: the first version served (nothing was replaced); swapped: a new"
+        " version replaced the active one; unchanged: nothing to do; refused: the candidate failed"
+        " and the active version (if any) keeps serving"
+    )
     active_version: int | None
     candidate: int | None = None
     message: str = ""

@@ -307,7 +307,8 @@ def test_ops_endpoints(client):
         "atop_batch_size_bucket",
         "atop_queue_depth",
         'atop_active_model_version{model="cifar10-atop"} 1.0',
-        'atop_model_reloads_total{result="swapped"} 1.0',
+        'atop_model_reloads_total{result="loaded"} 1.0',  # the first version: no swap
+        'atop_model_reloads_total{result="swapped"} 0.0',
         "atop_attack_suspicions_total",
         "atop_images_classified_total 1.0",
     ):

@@ -21,18 +21,84 @@ from service.schemas import ERROR_RESPONSES, ClassifyResponse, ImageResult, Mode
 router = APIRouter(tags=["classify"])
 
 
-BODY_DOC = {
-    "requestBody": {
-        "description": "one image as the raw body (image/png, image/jpeg, image/webp, image/bmp), "
-        "images as multipart/form-data files, or JSON "
-        '{"images": ["<base64>", ...], "top_k": 3, "samples": 4, "seed": 7}',
-        "content": {
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {"schema": {"type": "object"}},
-            "application/json": {"schema": {"type": "object"}},
+_CAPS = {"top_k": "max_top_k", "samples": "max_samples"}
+
+
+def _option_schemas() -> dict[str, dict]:
+    """Each option's JSON schema, from ``ClassifyOptions`` (the one definition): the non-null
+    type with its bounds and default, and the description."""
+    out = {}
+    for name, prop in ClassifyOptions.model_json_schema()["properties"].items():
+        schema = next(v for v in prop.get("anyOf", [prop]) if v.get("type") != "null")
+        schema = {k: v for k, v in schema.items() if k not in ("title", "description", "default")}
+        if prop.get("default") is not None:
+            schema["default"] = prop["default"]
+        cap = f"; at most the server's `{_CAPS[name]}`" if name in _CAPS else ""
+        out[name] = {"schema": schema, "description": prop.get("description", "") + cap}
+    return out
+
+
+def _request_doc() -> dict:
+    """The OpenAPI of the request, which FastAPI cannot infer: the route reads the body itself
+    (raw, multipart or JSON) and merges the options of the query string and the body, the body's
+    winning, before validating them once (service/inputs.py). So the options are documented here
+    as query parameters and body fields, not declared as FastAPI parameters."""
+    options = _option_schemas()
+    fields = {name: o["schema"] | {"description": o["description"]} for name, o in options.items()}
+    b64 = {"type": "string", "contentEncoding": "base64"}
+    return {
+        "parameters": [
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "description": o["description"] + ". A JSON or form field of the same name wins.",
+                "schema": o["schema"],
+            }
+            for name, o in options.items()
+        ],
+        "requestBody": {
+            "required": True,
+            "description": "one image as the raw body (image/png, image/jpeg, image/webp, image/bmp), "
+            "images as multipart/form-data files, or JSON "
+            '{"images": ["<base64>", ...], "top_k": 3, "samples": 4, "seed": 7}',
+            "content": {
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "images": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                                "description": "every file part is an image, in order",
+                            },
+                            **fields,
+                        },
+                        "required": ["images"],
+                    }
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "images": {
+                                "type": "array",
+                                "items": b64,
+                                "description": "images, base64 (a data:image/...;base64, prefix is accepted)",
+                            },
+                            "image": b64 | {"description": "one image, instead of `images`"},
+                            **fields,
+                        },
+                        "additionalProperties": False,
+                    }
+                },
+            },
         },
     }
-}
+
+
+REQUEST_DOC = _request_doc()  # the openapi_extra of /classify and /inspect
 
 
 def _check_caps(opts: ClassifyOptions, settings) -> None:
@@ -130,7 +196,7 @@ def answers(served: Served, metrics) -> list[ImageResult]:
     "/classify",
     response_model=ClassifyResponse,
     responses=ERROR_RESPONSES,
-    openapi_extra=BODY_DOC,
+    openapi_extra=REQUEST_DOC,
     dependencies=[Depends(require_api_key)],
     summary="Classify images through the AToP defense",
 )

@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from service.logs import current_request_id
-from service.routes.classify import BODY_DOC, answers, serve
+from service.routes.classify import REQUEST_DOC, answers, serve
 from service.schemas import ERROR_RESPONSES, ModelRef
 from service.views import InspectResponse, inspect_results, slot_card
 
@@ -18,7 +18,7 @@ router = APIRouter(tags=["classify"])
     "/inspect",
     response_model=InspectResponse,
     responses=ERROR_RESPONSES,
-    openapi_extra=BODY_DOC,
+    openapi_extra=REQUEST_DOC,
     dependencies=[Depends(require_api_key)],
     summary="Classify images and show what the defense did to them",
 )
