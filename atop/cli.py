@@ -17,9 +17,13 @@ from atop import __version__
 # (command, module, help). "train" has its own level of subcommands below.
 COMMANDS = [
     ("serve", "service.cli", "run the HTTP defense service (default: the embedded model)"),
-    ("export", "training.export", "export a trained pipeline to ONNX/TorchScript into the model store"),
+    (
+        "export",
+        "training.export.command",
+        "export a trained pipeline to ONNX/TorchScript into the model store",
+    ),
     ("store", "model_store.cli", "list, show, verify and publish model-store versions"),
-    ("eval", "training.evaluate", "robustness evaluation of a store version or checkpoints"),
+    ("eval", "training.eval.command", "robustness evaluation of a store version or checkpoints"),
 ]
 # (command, module, help, what --resume means for it)
 _RESUME = "continue the run in --out from last.safetensors"

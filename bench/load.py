@@ -545,9 +545,9 @@ def make_model_main(args: argparse.Namespace) -> None:
 
     import torch
 
+    from tests.tiny_models import randomize_batchnorm, save_pipeline_checkpoints
     from training import export
-    from training.checkpoint import save_pipeline_checkpoints
-    from training.classifier import ClassifierConfig, build_classifier, randomize_batchnorm
+    from training.classifier import ClassifierConfig, build_classifier
     from training.data import CIFAR10_CLASSES
     from training.purifier import PurifierConfig, UNetPurifier
     from training.transforms import RTSpec

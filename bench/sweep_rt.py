@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from training.evaluate import EvalConfig, run
+from training.eval.command import EvalConfig, run
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tests.eval_toys import Overshoot
-from training.attacks import bpda, eot_gradient, fgsm, pgd, pgd_iterates
+from training.attacks import eot_gradient, fgsm, pgd, pgd_iterates
 
 
 class _Normalize(nn.Module):
@@ -103,15 +103,6 @@ def test_eot_averages_gradients_over_the_randomness():
     # The margin loss is -2z, so its gradient is -2·s·w; in expectation -w.
     assert torch.allclose(many, -w, atol=0.15)
     assert max((g - (-w)).abs().max().item() for g in one) > 0.5  # single draws are far off
-
-
-def test_bpda_uses_the_approximation_backwards():
-    quantize = bpda(lambda t: torch.round(t * 4) / 4)
-    x = torch.rand(5, requires_grad=True)
-    out = quantize(x)
-    assert torch.equal(out, torch.round(x.detach() * 4) / 4)
-    (out * torch.arange(5.0)).sum().backward()
-    assert torch.equal(x.grad, torch.arange(5.0))  # identity gradient
 
 
 def test_attack_restores_each_submodule_mode():

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from tests.eval_toys import Antithetic, Coin, Hashed, Overshoot, Quantized, toy_data
-from training import eval_runner, sanity
 from training.attacks import eot_gradient, margin_loss
-from training.eval_attacks import AUTOATTACK_RAND, AttackSpec, Found, check_threat_model, run_attack
-from training.eval_runner import EvalState, Scorer, clean_scores, run_attacks
-from training.eval_stats import diff_independent, diff_paired, paired_difference, wilson
-from training.eval_targets import Target
+from training.eval import cascade, sanity
+from training.eval.attacks import AUTOATTACK_RAND, AttackSpec, Found, check_threat_model, run_attack
+from training.eval.cascade import EvalState, Scorer, clean_scores, run_attacks
+from training.eval.stats import diff_independent, diff_paired, paired_difference, wilson
+from training.eval.targets import Target
 
 EPS = {"linf": 0.1, "l2": 1.0, "flow": 1.0}
 CASES = [
@@ -218,7 +218,7 @@ def test_candidates_are_chosen_on_draws_apart_from_the_scoring_draws(monkeypatch
     scorer = Scorer(target, samples=1, n=n, fixed_seed=1)
     x, y = 0.9 * torch.rand(n, 3, 8, 8), torch.zeros(n, dtype=torch.long)
     cands = [x + 0.0137 * i for i in range(4)]
-    monkeypatch.setattr(eval_runner, "run_attack", lambda *a, **kw: Found(list(cands)))
+    monkeypatch.setattr(cascade, "run_attack", lambda *a, **kw: Found(list(cands)))
     seen = {"choose": [], "score": []}
     choose, score = Scorer.choose, Scorer.score
 
@@ -232,7 +232,7 @@ def test_candidates_are_chosen_on_draws_apart_from_the_scoring_draws(monkeypatch
 
     monkeypatch.setattr(Scorer, "choose", spy_choose)
     monkeypatch.setattr(Scorer, "score", spy_score)
-    clean = eval_runner.Scores(*(torch.ones(n) for _ in range(3)))
+    clean = cascade.Scores(*(torch.ones(n) for _ in range(3)))
     spec = AttackSpec("square", "linf", 0.1, 10)
     kw = dict(name="t", seed=0, batch_size=n)
     (o,) = run_attacks((spec,), target, x, y, clean, scorer, EvalState(None, {}), **kw)

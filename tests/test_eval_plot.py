@@ -1,4 +1,4 @@
-"""The ε-sweep PNG (training/eval_plot.py): drawn from synthetic reports of two rows (with and
+"""The ε-sweep PNG (training/eval/plot.py): drawn from synthetic reports of two rows (with and
 without intervals), a valid PNG of a sensible size; a report without a sweep is refused with a
 clear ValueError (atop eval's own PNG is then skipped); the CLI writes the file, and says how to
 install matplotlib when it is missing."""
@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 
 from PIL import Image  # noqa: E402
 
-from training.eval_plot import main, plot_sweeps, report_png  # noqa: E402
+from training.eval.plot import main, plot_sweeps, report_png  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

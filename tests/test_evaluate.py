@@ -20,8 +20,8 @@ from atop.cli import main as atop
 from model_store import verify
 from model_store.manifest import Evaluation
 from tests.tiny_data import write_folder
-from training import eval_runner
-from training.evaluate import EvalConfig, build_target, run
+from training.eval import cascade
+from training.eval.command import EvalConfig, build_target, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(trained, tmp_path, monke
     common |= dict(eps=0.25, steps=2, eot=2, square_queries=20, n=16, clean_n=8, samples=2, batch_size=4)
     common |= dict(sanity=False)
     reference = run(EvalConfig(**common, out=str(tmp_path / "ref")))
-    real, calls, armed = eval_runner.run_attack, [], [True]
+    real, calls, armed = cascade.run_attack, [], [True]
 
     def flaky(*a, **kw):
         calls.append(1)
@@ -141,7 +141,7 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(trained, tmp_path, monke
             raise Killed("the machine went down")
         return real(*a, **kw)
 
-    monkeypatch.setattr(eval_runner, "run_attack", flaky)
+    monkeypatch.setattr(cascade, "run_attack", flaky)
     with pytest.raises(Killed):
         run(EvalConfig(**common, out=str(tmp_path / "cut")))
     calls.clear()
@@ -235,6 +235,9 @@ def test_results_table(trained, tmp_path):
         cwd=REPO,
     )
     text = out.read_text()
-    assert "| undefended |" in text and "| AP |" in text and "72.85%" in text
+    for label, name in (("undefended", "undefended"), ("AP", "ap")):
+        clean = json.loads((tmp_path / f"{name}.json").read_text())["clean_accuracy"]
+        assert f"| {label} | {100 * clean:.1f}% | " in text  # the row carries its own JSON's numbers
+    assert "## Published figures" in text
     assert "†" in text and "### Protocol" in text
     assert "(2 draws, " in text and " thread" in text  # cost cell names its draws and threads

@@ -18,9 +18,9 @@ import torch
 import model_store
 from atop import contract
 from atop.cli import main as atop
-from tests.tiny_models import make_checkpoints
+from tests.tiny_models import load_pipeline, make_checkpoints
 from training import export
-from training.purifier import load_pipeline
+from training.export import convert
 from training.transforms import RTSpec
 
 CLASSES = ("cat", "dog", "frog")
@@ -158,13 +158,13 @@ def test_export_again_makes_a_new_version(exported):
 
 
 def test_parity_failure_publishes_nothing(exported, monkeypatch):
-    forward = export.OnnxPipeline.forward
+    forward = convert.OnnxPipeline.forward
 
     def skewed(self, image, noise, masks):
         logits, *rest = forward(self, image, noise, masks)
         return logits + 1e-3, *rest
 
-    monkeypatch.setattr(export.OnnxPipeline, "forward", skewed)
+    monkeypatch.setattr(convert.OnnxPipeline, "forward", skewed)
     before = model_store.list_versions(exported["store"])
     with pytest.raises(ValueError, match="parity check failed"):
         export.run(replace(exported["cfg"], name="skewed"))

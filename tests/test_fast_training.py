@@ -173,7 +173,7 @@ def test_fgsm_training_checks_every_epoch_and_keeps_the_best(data, tmp_path, mon
     assert atop(f"{cmd} --adversarial fgsm --robust-check 16".split()) == 0
     log = _epochs(tmp_path)
     assert len(log) == 3 or log[-1]["collapsed"]
-    assert all(0.0 <= e["robust_acc"] <= 1.0 and "holdout_acc" in e for e in log)
+    assert all(e["robust_acc"] <= e["holdout_acc"] for e in log)
     assert log[0]["step"] == (96 - 16) // 16  # 16 of the 96 training images were held out
     # The 16 checked images are training images that the run never trained on.
     assert len(seen["checked"]) == 16 and len(seen["trained"]) == 80

@@ -18,6 +18,7 @@ from atop.cli import main as atop
 from tests.tiny_data import write_folder
 from training.checkpoint import load_checkpoint
 from training.classifier import load_classifier
+from training.data import load_split
 
 TINY_CLASSIFIER = "--depth 1 --width 4"
 TINY_PURIFIER = "--width 4 --disc-width 4"
@@ -95,17 +96,29 @@ def test_ensemble_averages_its_members_over_the_mirror(
     with torch.no_grad():
         expected = sum(m(v).softmax(1) for m in (a, b) for v in (x, x.flip(3))) / 4
         assert torch.allclose(ens(x).softmax(1), expected, atol=1e-6)
-    assert 0 <= ck.header["metrics"]["test_acc"] <= 1
+    test = load_split(data, "test")
+    with torch.no_grad():
+        right = (ens(test.images.float() / 255).argmax(1) == test.labels).float().mean()
+    assert ck.header["metrics"]["test_acc"] == pytest.approx(float(right))
     assert atop_run(f"train ensemble --member {purifier_ckpt} --out {tmp_path}/bad") == 2
     assert "not a classifier checkpoint" in caplog.text
 
 
-def test_pgd_adversarial_training_runs(data, tmp_path):
-    cmd = f"train classifier --data {data} --out {tmp_path} {TINY_CLASSIFIER} --epochs 1 --batch-size 16"
+def test_pgd_adversarial_training_trains_on_attacked_images(data, tmp_path):
+    cmd = f"train classifier --data {data} {TINY_CLASSIFIER} --epochs 1 --batch-size 16 --threads 1"
     # The per-epoch robust check holds out 256 training images by default; the tiny set has 96.
-    assert atop_run(cmd + " --adversarial pgd --adv-steps 2 --threads 1 --robust-check 16") == 0
-    assert (tmp_path / "final.safetensors").is_file()
-    assert all("robust_acc" in e for e in _epochs(tmp_path))
+    assert atop_run(f"{cmd} --out {tmp_path}/at --adversarial pgd --adv-steps 2 --robust-check 16") == 0
+    log = _epochs(tmp_path / "at")
+    assert all(e["robust_acc"] <= e["holdout_acc"] for e in log)
+    # Same seed, same data (no hold-out), with and without the flag: only the attack differs, and
+    # it must reach the update: other weights, and a higher training loss on the attacked images.
+    assert atop_run(f"{cmd} --out {tmp_path}/plain") == 0
+    assert atop_run(f"{cmd} --out {tmp_path}/adv --adversarial pgd --adv-steps 2 --robust-check 0") == 0
+    plain, adv = (load_checkpoint(tmp_path / d / "final.safetensors") for d in ("plain", "adv"))
+    assert adv.config["train"]["adversarial"] == "pgd" and plain.header["step"] == adv.header["step"]
+    weights = [(k, v, adv.state_dict("classifier")[k]) for k, v in plain.state_dict("classifier").items()]
+    assert any(v.is_floating_point() and not torch.equal(v, w) for _, v, w in weights)
+    assert _epochs(tmp_path / "adv")[0]["train_loss"] > _epochs(tmp_path / "plain")[0]["train_loss"]
 
 
 def test_purifier_reconstruction_improves(data, tmp_path, classifier_ckpt):
@@ -115,7 +128,7 @@ def test_purifier_reconstruction_improves(data, tmp_path, classifier_ckpt):
     # The tiny images are a flat colour plus i.i.d. noise, so the floor is near the noise level
     # and the residual purifier starts close to it: a modest but steady drop is all there is.
     assert log[-1]["train_l1"] < 0.92 * log[0]["train_l1"] and log[-1]["psnr"] > log[0]["psnr"]
-    assert 0.0 <= log[-1]["pipeline_acc"] <= 1.0
+    assert log[-1]["pipeline_acc"] > 0.8  # f still answers through t and g (chance: 1/3)
 
 
 @pytest.mark.parametrize("adv", ["fgsm", "pgd"])
@@ -127,7 +140,7 @@ def test_finetune_lowers_the_classification_loss(data, tmp_path, classifier_ckpt
     )
     assert atop_run(cmd) == 0
     log = _epochs(tmp_path)
-    assert all(0.0 <= e["robust_acc"] <= 1.0 for e in log)  # the per-epoch PGD x EOT check
+    assert all(e["robust_acc"] <= e["holdout_acc"] for e in log)  # the per-epoch PGD x EOT check
     assert log[-1]["train_ce"] + log[-1]["train_l1"] < log[0]["train_ce"] + log[0]["train_l1"]
     ck = load_checkpoint(tmp_path / "final.safetensors")
     assert ck.config["stage"] == "finetune" and ck.config["rt"]["kind"] == "rt2"
@@ -222,7 +235,7 @@ def test_classifier_adapts_to_the_purifier(data, tmp_path, classifier_ckpt, puri
     adapt = f"{cmd} --purifier {purifier_ckpt} --purified-fraction 1.0 --lr 0.05"
     assert atop_run(f"{adapt} --epochs 6 --out {tmp_path}/a") == 0
     log = _epochs(tmp_path / "a")
-    assert all(0.0 <= e["test_acc_purified"] <= 1.0 for e in log)
+    assert log[-1]["test_acc_purified"] > 0.8  # f(g(t(x))) on the test set (chance: 1/3)
     assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
     ck = load_checkpoint(tmp_path / "a" / "final.safetensors")
     assert ck.config["train"]["purifier"] == str(purifier_ckpt)
@@ -234,7 +247,6 @@ def test_classifier_adapts_to_the_purifier(data, tmp_path, classifier_ckpt, puri
 
 
 def test_classifier_distils_a_teacher(data, tmp_path, classifier_ckpt, purifier_ckpt):
-    from training.data import load_split
     from training.train_classifier import soft_targets
 
     teacher, train = load_classifier(classifier_ckpt), load_split(data, "train")
@@ -249,7 +261,7 @@ def test_classifier_distils_a_teacher(data, tmp_path, classifier_ckpt, purifier_
     assert atop_run(f"{kd} --epochs 6 --out {tmp_path}/kd --purifier {purifier_ckpt}") == 0
     log = _epochs(tmp_path / "kd")
     assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
-    assert all(0.0 <= e["train_acc"] <= 1.0 for e in log)
+    assert log[-1]["train_acc"] > 0.8  # scored against the labels, not the row positions
     ck = load_checkpoint(tmp_path / "kd" / "final.safetensors")
     assert ck.config["train"]["teacher"] == str(classifier_ckpt)
     assert ck.config["train"]["distill_weight"] == 1.0

@@ -20,10 +20,11 @@ import model_store
 from atop import contract
 from service.backends import OnnxBackend, TorchScriptBackend
 from tests import service_fixtures as sf
-from tests.tiny_models import make_checkpoints
+from tests.tiny_models import load_pipeline, make_checkpoints
 from tests.ui_fixtures import strip_views
 from training import export
-from training.purifier import load_pipeline, purify
+from training.export import convert
+from training.purifier import purify
 from training.transforms import apply_rt
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*deprecated:DeprecationWarning")
@@ -106,13 +107,13 @@ def test_schema_refuses_a_wrong_image_output_shape(tiny_version, tmp_path):
 
 
 def test_a_skewed_image_output_fails_parity_and_publishes_nothing(rt3, monkeypatch):
-    forward = export.OnnxPipeline.forward
+    forward = convert.OnnxPipeline.forward
 
     def skewed(self, image, noise, masks):
         logits, raw, transformed, purified = forward(self, image, noise, masks)
         return logits, raw, transformed, purified * 0.99
 
-    monkeypatch.setattr(export.OnnxPipeline, "forward", skewed)
+    monkeypatch.setattr(convert.OnnxPipeline, "forward", skewed)
     cfg = replace(rt3[3], name="skewed-views", formats=("onnx",))
     with pytest.raises(ValueError, match="onnx_purified"):
         export.run(cfg)

@@ -6,8 +6,6 @@
 * ``eot`` > 1 averages the gradient over that many forward passes, each of which draws fresh
   randomness inside the model (Expectation over Transformation), so a randomized defense is
   attacked through its expectation rather than through one lucky draw.
-* ``bpda`` wraps a non-differentiable function so its backward pass uses a differentiable
-  stand-in (identity by default).
 
 Randomness comes only from the ``gen`` argument (the random start); the global RNG is never
 touched. If the model is an ``nn.Module`` it is put in eval mode for the attack and its mode is
@@ -285,30 +283,3 @@ def pgd_iterates(
         with torch.no_grad():
             best.offer(x_adv, sum(model(x_adv) for _ in range(eot)) / eot)
     return best.x.detach(), x_adv
-
-
-class _BPDA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, forward, approx):
-        ctx.save_for_backward(x)
-        ctx.approx = approx
-        with torch.no_grad():
-            return forward(x)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        with torch.enable_grad():
-            xi = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(ctx.approx(xi), xi, grad_out)
-        return g, None, None
-
-
-def bpda(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    approx: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Backward Pass Differentiable Approximation (Athalye et al.): run ``forward`` on the way
-    forward and differentiate ``approx`` (identity by default) on the way back."""
-    approx = approx or (lambda t: t)
-    return lambda x: _BPDA.apply(x, forward, approx)

@@ -204,16 +204,6 @@ def build_classifier(cfg: ClassifierConfig) -> nn.Module:
     return FlipAveraged(net, cfg) if cfg.flip_tta else net
 
 
-def randomize_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
-    """Give an untrained model's BatchNorm layers random statistics and scales (untrained, they
-    are the identity): random-weight models for tests and timing benches then exercise them."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-
-
 def load_classifier(src) -> nn.Module:
     """The classifier from a checkpoint written by ``atop train classifier`` (a path, or a
     Checkpoint already read), or from a model-store version folder, in eval mode."""

@@ -172,13 +172,6 @@ def progress(total: int, initial: int, desc: str, info: DistInfo) -> tqdm:
     )
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 PRECISIONS = ("bf16", "fp32")
 
 

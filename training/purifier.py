@@ -156,14 +156,6 @@ def load_purifier(src) -> tuple[UNetPurifier, RTSpec]:
     return model.eval(), RTSpec.from_dict(ck.config["rt"])
 
 
-def load_pipeline(classifier_path, purifier_path, spec: RTSpec | None = None) -> DefendedPipeline:
-    """f∘g∘t from two checkpoints; ``spec`` overrides the purifier's deployed RT spec."""
-    from training.classifier import load_classifier
-
-    purifier, saved = load_purifier(purifier_path)
-    return DefendedPipeline(purifier, load_classifier(classifier_path), spec or saved).eval()
-
-
 @torch.no_grad()
 def pass_through(
     purifier: nn.Module,

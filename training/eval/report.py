@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from html import escape
 
-from training.sanity import warning_lines
+from training.eval.sanity import warning_lines
 
 
 def pct(v: float | None) -> str:

@@ -1,8 +1,11 @@
-"""The attacks of ``atop eval``: one frozen ``AttackSpec`` each, run by ``run_attack``.
+"""The attacks of ``atop eval``: one entry each in ``ATTACK_TABLE``, one frozen ``AttackSpec``
+per use (threat model, steps, EOT), run by ``run_attack``. An entry says how its attack runs and
+what protocols, cost estimate, cascade and report need to know of it, so adding an attack is
+adding one entry.
 
 Every attack gets the model as an attacker sees it (x -> logits, fresh randomness on every
 call) and returns *candidate* adversarial examples inside the threat model; the evaluator scores
-them afterwards by the service's rule (training/eval_runner.py). How each handles randomness:
+them afterwards by the service's rule (training/eval/cascade.py). How each handles randomness:
 
 * ``fgsm``, ``pgd`` (cross-entropy) and ``cw`` (PGD on the Carlini-Wagner margin, taken on
   the softmax probabilities: ``attacks.prob_margin_loss``): exact
@@ -41,8 +44,8 @@ from training.attacks import BestIterate, eot_gradient, eval_mode, fgsm, pgd_ite
 
 log = logging.getLogger("atop.eval.attacks")
 
-ATTACKS = ("fgsm", "pgd", "cw", "autoattack-rand", "square", "flow")
 NORM_NAMES = {"linf": "Linf", "l2": "L2", "flow": "flow"}
+FLOW_EPS = 1.0  # pixels: the flow attack's threat model wherever a protocol does not set one
 # AutoAttack(version='rand') as pyautoattack 0.2.0 sets it up (autoattack.py, _set_version);
 # tests/test_eval_attacks.py checks these against the package.
 AUTOATTACK_RAND = {"attacks": ("apgd-ce", "apgd-dlr"), "n_iter": 100, "n_restarts": 1, "eot_iter": 20}
@@ -64,12 +67,9 @@ class Found:
         return self.cands + ([] if self.final is None else [self.final])
 
 
-STEPPED = ("pgd", "cw", "flow")  # the attacks that take a fixed step size (alpha)
-
-
 @dataclass(frozen=True)
 class AttackSpec:
-    name: str  # one of ATTACKS
+    name: str  # a key of ATTACK_TABLE
     norm: str = "linf"  # linf | l2 | flow (flow: eps is the largest pixel displacement)
     eps: float = 8 / 255
     steps: int = 20  # iterations; square: queries; fgsm: 1
@@ -78,8 +78,8 @@ class AttackSpec:
     cascade: bool = True  # False: attack every clean-correct point, not only the survivors
 
     def __post_init__(self) -> None:
-        if self.name not in ATTACKS:
-            raise ValueError(f"unknown attack {self.name!r}; choose from {', '.join(ATTACKS)}")
+        if self.name not in ATTACK_TABLE:
+            raise ValueError(f"unknown attack {self.name!r}; choose from {', '.join(ATTACK_TABLE)}")
         if (self.name == "flow") != (self.norm == "flow"):
             raise ValueError("the flow attack has its own threat model: norm='flow' (eps in pixels)")
         if self.norm not in NORM_NAMES:
@@ -88,8 +88,12 @@ class AttackSpec:
             raise ValueError(f"{self.name}: steps and eot must be >= 1 and eps >= 0")
 
     @property
+    def kind(self) -> Attack:
+        return ATTACK_TABLE[self.name]
+
+    @property
     def gradient_free(self) -> bool:
-        return self.name == "square"
+        return self.kind.gradient_free
 
     @property
     def threat(self) -> tuple[str, float]:
@@ -101,17 +105,13 @@ class AttackSpec:
         return f"{self.name}/{self.norm}/{self.eps:.6g}/s{self.steps}/e{self.eot}/a{self.alpha:.6g}/{mode}"
 
     def label(self, randomized: bool) -> str:
-        if self.name == "autoattack-rand" or self.gradient_free or not randomized:
-            return self.name  # the rand version is EOT by definition; Square queries
+        if not self.kind.eot_label or not randomized:
+            return self.name
         return f"{self.name}-eot"
 
     def step_size(self) -> float | None:
         """The step size used (None: adaptive, as APGD and Square choose their own)."""
-        if self.name == "fgsm":
-            return self.eps
-        if self.name in STEPPED:
-            return self.alpha or 2.5 * self.eps / self.steps
-        return None
+        return self.kind.step_size(self)
 
     def replace(self, **changes) -> AttackSpec:
         return dataclasses.replace(self, **changes)
@@ -220,6 +220,127 @@ def flow_attack(model, x, y, *, eps: float, steps: int, eot: int, alpha: float, 
     return Found([warp(x, best.x).detach()], final=warp(x, flow).detach())
 
 
+@dataclass(frozen=True)
+class Flags:
+    """The custom protocol's settings from the command line: one threat model for every attack."""
+
+    norm: str
+    eps: float
+    steps: int
+    eot: int
+    alpha: float
+    square_queries: int
+    cascade: bool
+
+
+def _steps(spec: AttackSpec) -> float:
+    return float(spec.steps * spec.eot)
+
+
+def _fixed_step(spec: AttackSpec) -> float:
+    return spec.alpha or 2.5 * spec.eps / spec.steps
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One row of the attack table: how the attack runs and what the rest of ``atop eval``
+    (protocols, cost estimate, cascade, report) needs to know about it."""
+
+    run: Callable[..., Found]  # (spec, model, x, y, *, seed, gen, still_robust) -> Found
+    stepped: bool = False  # takes a fixed step size (alpha); returns its final iterate as well
+    step_size: Callable[[AttackSpec], float | None] = lambda spec: None  # None: adaptive
+    gradient_free: bool = False  # queries only (the gradient-masking check)
+    eot_label: bool = True  # "-eot" in its label on a randomized model (not where EOT is built in)
+    convergence: bool = False  # the convergence check may re-run it with 2x steps and 2x EOT
+    unseen: bool = False  # a kind of attack never used in training
+    candidates: int = 1  # candidate adversarial examples per image
+    gradients: Callable[[AttackSpec], float] = _steps  # gradient passes per attacked image
+    queries: Callable[[AttackSpec], float] = lambda spec: 0.0  # forward passes, before scoring
+    # the attack as the custom protocol builds it from the flags (None: the generic rule)
+    from_flags: Callable[[Flags], AttackSpec] | None = None
+
+    def work(self, spec: AttackSpec, samples: int) -> tuple[float, float]:
+        """(gradient passes, forward passes) per attacked image, upper bounds (no early stops)."""
+        # scoring (+ the final iterate of stepped attacks; + selection draws over several candidates)
+        score = samples * (self.candidates + 1 + (2 if self.candidates > 1 else 0))
+        return self.gradients(spec), self.queries(spec) + score
+
+
+def _fgsm(spec, model, x, y, *, seed, gen, still_robust) -> Found:
+    return Found([fgsm(model, x, y, eps=spec.eps, norm=spec.norm, eot=spec.eot)])
+
+
+def _pgd_on(loss: str):
+    def run(spec, model, x, y, *, seed, gen, still_robust) -> Found:
+        kw = dict(eps=spec.eps, steps=spec.steps, alpha=spec.step_size(), norm=spec.norm, eot=spec.eot)
+        best, last = pgd_iterates(model, x, y, **kw, loss=loss, gen=gen)
+        return Found([best], final=last)
+
+    return run
+
+
+def _flow(spec, model, x, y, *, seed, gen, still_robust) -> Found:
+    return flow_attack(
+        model, x, y, eps=spec.eps, steps=spec.steps, eot=spec.eot, alpha=spec.step_size(), gen=gen
+    )
+
+
+def _autoattack(spec, model, x, y, *, seed, gen, still_robust) -> Found:
+    kw = dict(norm=spec.norm, eps=spec.eps, n_iter=spec.steps, eot=spec.eot, seed=seed)
+    return Found(autoattack_rand(model, x, y, **kw, still_robust=still_robust))
+
+
+def _square(spec, model, x, y, *, seed, gen, still_robust) -> Found:
+    return Found(
+        square(model, x, y, norm=spec.norm, eps=spec.eps, queries=spec.steps, eot=spec.eot, seed=seed)
+    )
+
+
+# Every attack of ``atop eval``, in the order ``--attacks`` lists them. Adding one is one entry here.
+ATTACK_TABLE: dict[str, Attack] = {
+    "fgsm": Attack(
+        _fgsm,
+        step_size=lambda spec: spec.eps,
+        gradients=lambda spec: float(spec.eot),
+        from_flags=lambda f: AttackSpec("fgsm", f.norm, f.eps, 1, f.eot, cascade=f.cascade),
+    ),
+    "pgd": Attack(_pgd_on("ce"), stepped=True, step_size=_fixed_step, convergence=True),
+    # PGD on the Carlini-Wagner margin of the softmax probabilities: see attacks.prob_margin_loss
+    "cw": Attack(_pgd_on("cw-prob"), stepped=True, step_size=_fixed_step, convergence=True),
+    "autoattack-rand": Attack(
+        _autoattack,
+        eot_label=False,  # the rand version is EOT by definition
+        candidates=4,
+        gradients=lambda spec: 2.0 * (spec.steps + 1) * spec.eot,
+    ),
+    "square": Attack(
+        _square,
+        gradient_free=True,
+        eot_label=False,
+        gradients=lambda spec: 0.0,
+        queries=_steps,
+        from_flags=lambda f: AttackSpec("square", f.norm, f.eps, f.square_queries, 1, cascade=f.cascade),
+    ),
+    "flow": Attack(
+        _flow,
+        stepped=True,
+        step_size=_fixed_step,
+        unseen=True,
+        from_flags=lambda f: AttackSpec("flow", "flow", FLOW_EPS, f.steps, f.eot, f.alpha, cascade=False),
+    ),
+}
+ATTACKS = tuple(ATTACK_TABLE)
+
+
+def from_flags(name: str, flags: Flags) -> AttackSpec:
+    """The attack ``name`` of the custom protocol."""
+    kind = ATTACK_TABLE[name]
+    if kind.from_flags is not None:
+        return kind.from_flags(flags)
+    alpha = flags.alpha if kind.stepped else 0.0  # only where a fixed step is taken (APGD adapts its own)
+    return AttackSpec(name, flags.norm, flags.eps, flags.steps, flags.eot, alpha, cascade=flags.cascade)
+
+
 def run_attack(
     spec: AttackSpec,
     model,
@@ -231,23 +352,7 @@ def run_attack(
 ) -> Found:
     """Candidate adversarial examples for (x, y); all inside the threat model of ``spec``."""
     gen = torch.Generator().manual_seed(seed)
-    if spec.name == "fgsm":
-        return Found([fgsm(model, x, y, eps=spec.eps, norm=spec.norm, eot=spec.eot)])
-    if spec.name in ("pgd", "cw"):
-        loss = "ce" if spec.name == "pgd" else "cw-prob"  # see attacks.prob_margin_loss
-        kw = dict(eps=spec.eps, steps=spec.steps, alpha=spec.step_size(), norm=spec.norm, eot=spec.eot)
-        best, last = pgd_iterates(model, x, y, **kw, loss=loss, gen=gen)
-        return Found([best], final=last)
-    if spec.name == "flow":
-        return flow_attack(
-            model, x, y, eps=spec.eps, steps=spec.steps, eot=spec.eot, alpha=spec.step_size(), gen=gen
-        )
-    if spec.name == "autoattack-rand":
-        kw = dict(norm=spec.norm, eps=spec.eps, n_iter=spec.steps, eot=spec.eot, seed=seed)
-        return Found(autoattack_rand(model, x, y, **kw, still_robust=still_robust))
-    return Found(
-        square(model, x, y, norm=spec.norm, eps=spec.eps, queries=spec.steps, eot=spec.eot, seed=seed)
-    )
+    return spec.kind.run(spec, model, x, y, seed=seed, gen=gen, still_robust=still_robust)
 
 
 def check_threat_model(spec: AttackSpec, x: torch.Tensor, x_adv: torch.Tensor, tol: float = 1e-5) -> None:

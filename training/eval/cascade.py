@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 from training.attacks import margin_loss
-from training.eval_attacks import STEPPED, AttackSpec, check_threat_model, run_attack
-from training.eval_targets import Target
+from training.eval.attacks import AttackSpec, check_threat_model, run_attack
+from training.eval.targets import Target
 from training.transforms import RTSample, sample_rt
 
 log = logging.getLogger("atop.eval")
@@ -212,6 +212,34 @@ def clean_scores(scorer: Scorer, x, y, state: EvalState, name: str, seed: int, b
     return Scores.from_json(sec["scores"])
 
 
+def _attack_batch(
+    spec: AttackSpec,
+    target: Target,
+    scorer: Scorer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    s: int,
+) -> dict:
+    """One batch of one attack: candidates (checked against the threat model), the one chosen on
+    selection draws, its scores on the scoring draws (and the final iterate's, where there is one)."""
+    model = target.stochastic(torch.Generator().manual_seed(s))
+    xb, yb = x[idx], y[idx]
+
+    def still_robust(cands):
+        # The attack's own query (AutoAttack's cascade), on draws of its own.
+        return scorer.score(scorer.choose(cands, yb, s + 1), yb, idx, s + 1).vote > 0.5
+
+    found = run_attack(spec, model, xb, yb, seed=s, still_robust=still_robust)
+    for c in found.all():
+        check_threat_model(spec, xb, c)
+    chosen = scorer.choose(found.cands, yb, derive_seed(s, "select"))
+    rec = scorer.score(chosen, yb, idx, s + 2).to_json()
+    if found.final is not None:
+        rec["final"] = scorer.score(found.final, yb, idx, s + 2).to_json()
+    return rec
+
+
 def run_attacks(
     specs: tuple[AttackSpec, ...],
     target: Target,
@@ -244,21 +272,7 @@ def run_attacks(
             if str(b) in sec["done"]:
                 continue
             t0 = time.time()
-            s = derive_seed(seed, name, spec.key, before, b)
-            model = target.stochastic(torch.Generator().manual_seed(s))
-            xb, yb = x[idx], y[idx]
-
-            def still_robust(cands, yb=yb, idx=idx, s=s):
-                # The attack's own query (AutoAttack's cascade), on draws of its own.
-                return scorer.score(scorer.choose(cands, yb, s + 1), yb, idx, s + 1).vote > 0.5
-
-            found = run_attack(spec, model, xb, yb, seed=s, still_robust=still_robust)
-            for c in found.all():
-                check_threat_model(spec, xb, c)
-            chosen = scorer.choose(found.cands, yb, derive_seed(s, "select"))
-            rec = scorer.score(chosen, yb, idx, s + 2).to_json()
-            if found.final is not None:
-                rec["final"] = scorer.score(found.final, yb, idx, s + 2).to_json()
+            rec = _attack_batch(spec, target, scorer, x, y, idx, derive_seed(seed, name, spec.key, before, b))
             sec["done"][str(b)] = rec | {"wall_s": round(time.time() - t0, 2)}
             state.save()
             bar.update(len(idx))
@@ -267,7 +281,7 @@ def run_attacks(
         alone = Scores.cat([Scores.from_json(d) for d in done])
         after = base.put(targets, base.take(targets).worst(alone))
         final = after_final = None
-        if spec.name in STEPPED:
+        if spec.kind.stepped:
             final = Scores.cat([Scores.from_json(d["final"]) for d in done])
             after_final = base.put(targets, base.take(targets).worst(final))
         wall = sum(d["wall_s"] for d in done)

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from training import sanity
 from training.attacks import eot_gradient
 from training.data import batches, load_split
-from training.eval_attacks import NORM_NAMES, AttackSpec
-from training.eval_protocol import Protocol
-from training.eval_runner import EvalState, Outcome, Scorer, Scores, clean_scores, derive_seed, run_attacks
-from training.eval_stats import interval, paired_difference, wilson
-from training.eval_targets import Target
+from training.eval import sanity
+from training.eval.attacks import NORM_NAMES, AttackSpec
+from training.eval.cascade import EvalState, Outcome, Scorer, Scores, clean_scores, derive_seed, run_attacks
+from training.eval.protocol import Protocol
+from training.eval.stats import interval, paired_difference, wilson
+from training.eval.targets import Target
 
 log = logging.getLogger("atop.eval")
 
@@ -118,7 +118,7 @@ def entry(o: Outcome, n: int, randomized: bool) -> dict:
         "cascade_after": o.cascade_after,
         "attacked": len(o.targets),
         "broken": int((o.alone.vote < 0.5).sum()),
-        "unseen_in_training": s.name == "flow",
+        "unseen_in_training": s.kind.unseen,
         "gradients": "none (queries only)"
         if s.gradient_free
         else ("exact through RT, purifier and classifier, EOT-averaged" if randomized else "exact"),

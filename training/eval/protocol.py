@@ -33,11 +33,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from training.eval_attacks import STEPPED, AttackSpec
+from training.eval.attacks import FLOW_EPS, AttackSpec, Flags, from_flags
 
 LINF_EPS = 8 / 255
 L2_EPS = 0.5
-FLOW_EPS = 1.0  # pixels
 LEEKIM_LINF_ALPHA = 0.007
 LEEKIM_L2_ALPHA = 0.1
 SWEEP_LINF = (2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255)
@@ -123,34 +122,11 @@ def custom(
     convergence_n: int,
 ) -> Protocol:
     """The attacks named on the command line, at one threat model (flow: ``FLOW_EPS`` pixels)."""
-    specs = []
-    for name in names:
-        if name == "flow":
-            specs.append(AttackSpec("flow", "flow", FLOW_EPS, steps, eot, alpha, cascade=False))
-        elif name == "fgsm":
-            specs.append(AttackSpec("fgsm", norm, eps, 1, eot, cascade=cascade))
-        elif name == "square":
-            specs.append(AttackSpec("square", norm, eps, square_queries, 1, cascade=cascade))
-        else:  # alpha only where a fixed step is taken (APGD adapts its own)
-            a = alpha if name in STEPPED else 0.0
-            specs.append(AttackSpec(name, norm, eps, steps, eot, a, cascade=cascade))
-    grads = [s for s in specs if s.name in ("pgd", "cw")]
+    flags = Flags(norm, eps, steps, eot, alpha, square_queries, cascade)
+    specs = [from_flags(name, flags) for name in names]
+    grads = [s for s in specs if s.kind.convergence]
     conv = grads[0] if grads and convergence_n else None
     return Protocol("custom", tuple(specs), _sweep(steps, eot) if sweep else (), sweep_n, conv, convergence_n)
-
-
-def _work(spec: AttackSpec, samples: int) -> tuple[float, float]:
-    """(gradient passes, forward passes) per attacked image, upper bounds (no early stops)."""
-    cands = {"autoattack-rand": 4}.get(spec.name, 1)
-    # scoring (+ the final iterate of stepped attacks; + selection draws over several candidates)
-    score = samples * (cands + 1 + (2 if spec.name == "autoattack-rand" else 0))
-    if spec.name == "square":
-        return 0.0, spec.steps * spec.eot + score
-    if spec.name == "fgsm":
-        return float(spec.eot), score
-    if spec.name == "autoattack-rand":
-        return 2.0 * (spec.steps + 1) * spec.eot, score
-    return float(spec.steps * spec.eot), score
 
 
 def estimate(proto: Protocol, n: int, samples: int, grad_ms: float, fwd_ms: float) -> dict:
@@ -164,7 +140,7 @@ def estimate(proto: Protocol, n: int, samples: int, grad_ms: float, fwd_ms: floa
         jobs += [(c.replace(steps=2 * c.steps), proto.convergence_n, "convergence")]
         jobs += [(c.replace(eot=2 * c.eot), proto.convergence_n, "convergence")]
     for spec, images, role in jobs:
-        g, f = _work(spec, samples)
+        g, f = spec.kind.work(spec, samples)
         seconds = images * (g * grad_ms + f * fwd_ms) / 1000
         rows.append({"role": role, "attack": spec.key, "images": images, "hours": seconds / 3600})
     return {"hours": sum(r["hours"] for r in rows), "rows": rows}

@@ -1,21 +1,21 @@
 """``atop eval``: robustness of the deployed pipeline (or a baseline) the way a skeptical
 reviewer would measure it. Protocol and reasons: docs/evaluation.md.
 
-What is attacked (training/eval_targets.py): a model-store version (its TorchScript file, after
+What is attacked (training/eval/targets.py): a model-store version (its TorchScript file, after
 verification, through ``forward_with`` with our own draws of its RT randomness) or checkpoints;
 ``--defense`` picks the row: ``none`` (the classifier alone: undefended or AT), ``rt`` (random
 transform only) or ``full`` (RT + purifier: AP or AToP, from the purifier checkpoint's stage).
 
-Attacks (training/eval_attacks.py, presets in training/eval_protocol.py) run on the whole
+Attacks (training/eval/attacks.py, presets in training/eval/protocol.py) run on the whole
 pipeline with exact gradients and EOT, cascade within a threat model, and are scored by the
 service's rule (vote over ``--samples`` draws), with single-draw and fixed-draw accuracy beside
-it (training/eval_runner.py). Sanity checks run automatically (training/sanity.py); failures
+it (training/eval/cascade.py). Sanity checks run automatically (training/eval/sanity.py); failures
 are printed as WARNING lines and stored in the ``sanity`` block. Everything is resumable: the
 state file ``<out>.state.json`` is rewritten after every batch. Outputs: ``<out>.json`` (the
 manifest's evaluation shape, merged with earlier runs into the same file), ``<out>.md``,
 ``<out>.svg`` (robust accuracy against ε) and, with matplotlib installed and a sweep in the
-protocol, ``<out>.png`` (the same with 95% bands, training/eval_plot.py). ``--record``
-publishes the store version again with these numbers (training/eval_record.py).
+protocol, ``<out>.png`` (the same with 95% bands, training/eval/plot.py). ``--record``
+publishes the store version again with these numbers (training/eval/record.py).
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from training import eval_protocol
 from training.data import DATA_HELP
-from training.eval_attacks import ATTACKS
-from training.eval_core import evaluate
-from training.eval_plot import report_png
-from training.eval_record import merge_robust, record
-from training.eval_report import markdown, svg_plot
-from training.eval_targets import DEFENSES, Target, from_checkpoints, from_store
+from training.eval import protocol
+from training.eval.attacks import ATTACKS
+from training.eval.evaluate import evaluate
+from training.eval.plot import report_png
+from training.eval.record import merge_robust, record
+from training.eval.report import markdown, svg_plot
+from training.eval.targets import DEFENSES, Target, from_checkpoints, from_store
 from training.transforms import RTSpec
 
 log = logging.getLogger("atop.eval")
@@ -98,14 +98,14 @@ def _target(cfg: EvalConfig) -> Target:
     return from_checkpoints(cfg.classifier, cfg.purifier, cfg.defense, spec, noise_std)
 
 
-def build_protocol(cfg: EvalConfig) -> eval_protocol.Protocol:
+def build_protocol(cfg: EvalConfig) -> protocol.Protocol:
     sizes = {"sweep_n": cfg.sweep_n} if cfg.sweep_n > 0 else {}
     if cfg.convergence_n >= 0:
         sizes["convergence_n"] = cfg.convergence_n
     if cfg.preset in ("leekim", "quick"):
-        proto = (eval_protocol.leekim if cfg.preset == "leekim" else eval_protocol.quick)(**sizes)
+        proto = (protocol.leekim if cfg.preset == "leekim" else protocol.quick)(**sizes)
         return proto if cfg.cascade else proto.without_cascade()
-    return eval_protocol.custom(
+    return protocol.custom(
         cfg.attacks,
         norm=cfg.norm,
         eps=cfg.eps,
@@ -188,7 +188,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--out", default=d.out, help="output prefix: writes OUT.json/.md/.svg/.png, state OUT.state.json")
     a(
         "--preset",
-        choices=eval_protocol.PRESETS,
+        choices=protocol.PRESETS,
         default=d.preset,
         help="leekim: the full protocol; quick: small",
     )
@@ -237,7 +237,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def estimate_only(cfg: EvalConfig) -> str:
     """Measure this target's per-image costs on one batch and extrapolate the protocol."""
     from training.data import load_split
-    from training.eval_core import measure_cost
+    from training.eval.evaluate import measure_cost
 
     target = build_target(cfg)
     proto = build_protocol(cfg) if target.randomized else build_protocol(cfg).deterministic()
@@ -246,7 +246,7 @@ def estimate_only(cfg: EvalConfig) -> str:
     x, y = (split.images.float() / 255).to(cfg.device), split.labels.to(cfg.device)
     cost = measure_cost(target, x, y, cfg.samples)
     k = cfg.samples if target.randomized else 1
-    est = eval_protocol.estimate(proto, cfg.n, k, cost["gradient_ms_per_image"], cost["forward_ms_per_image"])
+    est = protocol.estimate(proto, cfg.n, k, cost["gradient_ms_per_image"], cost["forward_ms_per_image"])
     lines = [f"{target.role}: {json.dumps(cost)}", f"{'role':12} {'attack':48} {'images':>6} {'hours':>7}"]
     lines += [f"{r['role']:12} {r['attack']:48} {r['images']:>6} {r['hours']:7.2f}" for r in est["rows"]]
     lines.append(

@@ -4,10 +4,10 @@ interval of each point as a shaded band where the report carries it (``ci95`` on
 entries; older reports have none).
 
 matplotlib is optional (the ``train`` extra, and so ``dev``); it is imported only when a plot is
-drawn, so importing this module never needs it. The hand-written SVG of training/eval_report.py
+drawn, so importing this module never needs it. The hand-written SVG of training/eval/report.py
 stays the dependency-free plot.
 
-    python -m training.eval_plot --out docs/sweep.png undefended=U.json "AToP=A.json"
+    python -m training.eval.plot --out docs/sweep.png undefended=U.json "AToP=A.json"
 """
 
 from __future__ import annotations
@@ -47,6 +47,18 @@ def _setting(report: dict) -> dict[str, str]:
         "eot": f"EOT {s['eot']}",
         "n": f"{s['n_images']} images",
     }
+
+
+def _mark_worst_case(ax, rep: dict, norm: str, scale: float, color: str, ticks: set[float]) -> None:
+    """A hollow diamond (with its 95% interval) at the report's worst case for ``norm``."""
+    for w in rep.get("worst_case") or []:
+        if w.get("norm") == norm:
+            x = float(w["eps"]) * scale
+            ticks.add(x)
+            y = 100 * float(w["accuracy"])
+            ci = w.get("ci95")
+            err = [[y - 100 * ci[0]], [100 * ci[1] - y]] if ci else None
+            ax.errorbar([x], [y], yerr=err, fmt="D", ms=8, mfc="none", mew=1.6, color=color, capsize=3)
 
 
 def plot_sweeps(
@@ -95,16 +107,7 @@ def plot_sweeps(
                     ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
                     banded = True
             if worst_case:
-                for w in rep.get("worst_case") or []:
-                    if w.get("norm") == norm:
-                        x = float(w["eps"]) * scale
-                        ticks.add(x)
-                        y = 100 * float(w["accuracy"])
-                        ci = w.get("ci95")
-                        err = [[y - 100 * ci[0]], [100 * ci[1] - y]] if ci else None
-                        ax.errorbar(
-                            [x], [y], yerr=err, fmt="D", ms=8, mfc="none", mew=1.6, color=color, capsize=3
-                        )
+                _mark_worst_case(ax, rep, norm, scale, color, ticks)
         if ticks and min(ticks) > 0:
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)])
@@ -150,7 +153,7 @@ def parse_row(text: str) -> tuple[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.eval_plot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.eval.plot", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--worst-case", action="store_true", help="mark each row's worst case at the main ε")
     p.add_argument("--dpi", type=int, default=110)

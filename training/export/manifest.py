@@ -1,7 +1,8 @@
 """The manifest that ``atop export`` publishes: graph description, provenance, evaluation.
 
-Split from export.py so that file holds the model conversion and this one the bookkeeping.
-The schema itself lives in model_store/manifest.py.
+Built from plain values (an RT spec, paths, numbers), so this module needs nothing of the
+command's; convert.py holds the model conversion, command.py the run. The schema itself lives
+in model_store/manifest.py.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from pydantic import ValidationError
@@ -19,9 +19,6 @@ from model_store import sha256_file
 from model_store.manifest import Evaluation
 from training.checkpoint import git_commit, load_checkpoint
 from training.transforms import RTSpec
-
-if TYPE_CHECKING:
-    from training.export import ExportConfig
 
 ONNX_FILE, TORCHSCRIPT_FILE = "model.onnx", "model.pt"
 NO_PURIFIER = "none"  # --purifier none: the classifier alone (e.g. the AT baseline), RT = identity
@@ -131,27 +128,38 @@ def load_evaluation(path: str | None) -> dict:
     return evaluation
 
 
-def build_manifest(
-    cfg: ExportConfig, spec: RTSpec, classes: list[str], parity: dict, evaluation: dict
+def graph_block(
+    spec: RTSpec, opset: int, num_classes: int, *, front: bool, torchscript: bool, parity: dict
 ) -> dict:
-    front = cfg.purifier != NO_PURIFIER
-    recipe = {"classifier": _recipe(cfg.classifier), "purifier": _recipe(cfg.purifier) if front else None}
-    seeds = {k: r["config"].get("train", {}).get("seed") for k, r in recipe.items() if r}
-    graph = {"onnx": graph_entry(spec, cfg.opset, len(classes), front), "parity": parity}
-    if "torchscript" in cfg.formats:
+    """The manifest's ``graph``: the ONNX graph's contract, the parity measured, the TorchScript file."""
+    graph = {"onnx": graph_entry(spec, opset, num_classes, front), "parity": parity}
+    if torchscript:
         graph["torchscript"] = TORCHSCRIPT_ENTRY
+    return graph
+
+
+def provenance(classifier: str, purifier: str | None, data: str | None, parity_seed: int) -> dict:
+    """Where the version comes from: data set, the checkpoints' recipes and seeds, the code."""
+    recipe = {"classifier": _recipe(classifier), "purifier": _recipe(purifier) if purifier else None}
+    seeds = {k: r["config"].get("train", {}).get("seed") for k, r in recipe.items() if r}
+    return {
+        "data": dataset_ref(Path(data)) if data else None,
+        "recipe": recipe,
+        "git_commit": git_commit(),
+        "seeds": seeds | {"parity": parity_seed},
+    }
+
+
+def build_manifest(
+    spec: RTSpec, classes: list[str], *, graph: dict, provenance: dict, evaluation: dict, samples: int
+) -> dict:
     s = spec.image_size
     return {
         "classes": classes,
         "input": {"shape": [3, s, s], "dtype": "float32", "range": [0.0, 1.0], "layout": "NCHW"},
         "rt": spec.to_dict() | {"sampler": contract.RT_SAMPLER},
         "graph": graph,
-        "provenance": {
-            "data": dataset_ref(Path(cfg.data)) if cfg.data else None,
-            "recipe": recipe,
-            "git_commit": git_commit(),
-            "seeds": seeds | {"parity": cfg.parity_seed},
-        },
+        "provenance": provenance,
         "evaluation": evaluation,
-        "serving": {"samples": cfg.samples},
+        "serving": {"samples": samples},
     }

@@ -1,0 +1,1 @@
+"""``atop eval``: the robustness evaluation (code map: docs/evaluation.md)."""
