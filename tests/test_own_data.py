@@ -139,6 +139,13 @@ def test_a_purifier_refuses_data_with_other_classes_than_its_classifier(tmp_path
     assert "are not those of classifier" in caplog.text
 
 
+def test_adapting_to_a_purifier_of_another_size_is_refused(tmp_path, caplog):
+    data = write_classes(tmp_path / "data", ("a", "b"))
+    _, purifier = make_checkpoints(tmp_path / "ck", num_classes=2)  # a 32-px purifier
+    cmd = f"train classifier --data {data} --out {tmp_path}/run {TINY} --epochs 1 --image-size 64"
+    assert run(f"{cmd} --purifier {purifier}") == 2 and "works on 32-px images" in caplog.text
+
+
 # --- data: test split against the training classes, sizes -----------------------------------
 
 

@@ -194,6 +194,10 @@ def run(
             served.load_state_dict(init.state_dict())
         log.info("initialised from %s", cfg.init)
     purifier, spec = load_purifier(cfg.purifier) if cfg.purifier else (None, None)
+    if spec is not None and spec.image_size != cfg.image_size:
+        raise ValueError(
+            f"--purifier {cfg.purifier} works on {spec.image_size}-px images, not --image-size {cfg.image_size}"
+        )
     if purifier is not None:
         purifier.requires_grad_(False).to(info.device)
         log.info(
