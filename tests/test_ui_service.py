@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from atop import contract
-from model_store import default_store, list_versions
+from model_store import default_store, get_version, list_versions
 from service.app import create_app
 from service.backends import load_backend
 from service.batcher import Batcher
@@ -273,24 +273,36 @@ def test_hot_swap_each_answer_names_the_version_that_served_it(client, service_s
 EMBEDDED = [mv.version for mv in list_versions(default_store(), sf.MODEL)]
 
 
-@pytest.mark.skipif(8 not in EMBEDDED, reason="the embedded store no longer holds cifar10-atop v8")
-def test_embedded_v8_is_described_as_it_is():
-    """v8 (served by default) predates the image outputs and has no purifier: no pictures but x,
-    one draw whatever is asked, and the page's card says why; its recorded robustness in a line."""
-    s = settings(default_store(), pin_version=8, max_batch_size=4, queue_size=64)
+DEFAULT = max(EMBEDDED)  # the version `atop serve` serves out of the box
+
+
+def test_the_embedded_default_is_described_as_it_is():
+    """The default (an adversarially trained classifier exported with --purifier none) has no
+    random transform and no purifier: one draw whatever is asked, t(x) = g(t(x)) = x when its
+    graph returns them at all, and the card says so; its recorded robustness in a line, with
+    the figures of its own manifest."""
+    manifest = get_version(default_store(), sf.MODEL, DEFAULT).manifest
+    has_views = "purified" in [o["name"] for o in manifest["graph"]["onnx"]["outputs"]]
+    s = settings(default_store(), pin_version=DEFAULT, max_batch_size=4, queue_size=64)
     with TestClient(create_app(s)) as c:
         blob = (STATIC / "samples" / "cat.png").read_bytes()
         body = ok(c.post("/inspect", content=blob, headers=PNG, params={"samples": 4}))
         info = ok(c.get("/ui/info"))
     res, card = body["results"][0], body["card"]
-    assert body["samples"] == 1 and res["views"]["transformed"] is None and res["views"]["purified"] is None
     cat = np.asarray(Image.open(STATIC / "samples" / "cat.png"))
-    assert np.array_equal(picture(res["views"]["input"]), cat)
-    assert card == info["card"] and card["version"] == 8 and not card["random"] and card["purifier"] is False
-    assert card["transform"] == "identity: no noise, no masks" and not card["images"]
-    assert any("no purifier" in n and "t(x) = g(t(x)) = x" in n for n in card["notes"])
-    assert card["robustness"].startswith("75.1% clean (10,000 images); robust (worst attack, 512 images)")
-    assert "ℓ∞ 8/255: 37.9% (fgsm, pgd-200, autoattack-rand-100, square-5000)" in card["robustness"]
+    assert body["samples"] == 1 and np.array_equal(picture(res["views"]["input"]), cat)
+    if has_views:  # the identity transform and no purifier: both pictures are x itself
+        assert np.array_equal(picture(res["views"]["purified"][0]), cat)
+    else:
+        assert res["views"]["transformed"] is None and res["views"]["purified"] is None
+    assert card == info["card"] and card["version"] == DEFAULT and not card["random"]
+    assert card["purifier"] is False and card["transform"] == "identity: no noise, no masks"
+    assert card["images"] is has_views
+    assert any("no purifier" in n for n in card["notes"])
+    clean = manifest["evaluation"]["clean_accuracy"]
+    assert card["robustness"].startswith(
+        f"{100 * clean:.1f}% clean (10,000 images); robust (worst attack, 512 images)"
+    )
 
 
 def test_robustness_line_states_the_protocol():
