@@ -320,3 +320,28 @@ def test_a_published_version_exports_again_as_a_classifier(tiny_version, tmp_pat
         recipe["config"]["kind"] == "classifier"
         and mv.manifest["classes"] == tiny_version.manifest["classes"]
     )
+
+
+# --- what a newcomer reads: help texts and one-line errors ----------------------------------
+
+
+def test_serve_names_the_models_a_store_holds(service_store):
+    from service.cli import preflight
+
+    with pytest.raises(ValueError, match=r"no valid version of model 'pets'.*it holds: cifar10-atop"):
+        preflight(make_settings(service_store, model_name="pets"))
+
+
+@pytest.mark.parametrize(
+    "command, says",
+    [
+        ("export", "default cifar10-atop"),  # --name's default
+        ("train classifier", "any classes"),  # --data is not only CIFAR-10
+        ("train purifier", "any image size"),
+        ("eval", "a NEW version"),  # --record publishes a version a running server swaps to
+    ],
+)
+def test_help_says_it(command, says, capsys):
+    with pytest.raises(SystemExit):
+        atop([*command.split(), "--help"])
+    assert says in " ".join(capsys.readouterr().out.split())
