@@ -21,29 +21,20 @@ from service.backends import load_backend
 from service.batcher import Batcher
 from service.decode import decode_image
 from service.routes.ui import STATIC
-from service.settings import Settings
 from service.views import robustness_line
 from tests import service_fixtures as sf
+from tests.test_service_unit import make_settings as settings
+from tests.test_service_unit import ok
 from tests.ui_fixtures import expected_picture, picture, strip_views
 
 ROUTES = ("/classify", "/inspect")
 PNG = {"content-type": "image/png"}
 
 
-def settings(store, **kw) -> Settings:
-    base = dict(store=store, intra_op_threads=1, inter_op_threads=1, spinning=False, poll_interval_s=0)
-    return Settings(**(base | {"max_delay_ms": 2} | kw))
-
-
 @pytest.fixture
 def client(service_store):
     with TestClient(create_app(settings(service_store, max_images=4, max_body_bytes=64 * 1024))) as c:
         yield c
-
-
-def ok(r) -> dict:
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def b64(data: bytes) -> str:
