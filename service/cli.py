@@ -179,5 +179,25 @@ def main(args: argparse.Namespace) -> int:
         uvicorn.run(create_app(settings), **common)
     else:
         _export_env(settings)
-        uvicorn.run("service.app:worker_app", factory=True, workers=settings.workers, **common)
+        _run_workers(
+            uvicorn.Config("service.app:worker_app", factory=True, workers=settings.workers, **common)
+        )
     return 0
+
+
+def _run_workers(config) -> None:
+    """uvicorn.run's multi-worker path, with TCP_NODELAY on the shared listening socket.
+
+    uvicorn binds that socket itself with protocol 0, so asyncio does not set TCP_NODELAY on the
+    connections the workers accept from it (it only does for IPPROTO_TCP sockets): the response
+    then waits in Nagle's buffer for the client's delayed ACK, ~40 ms on every keep-alive request
+    (measured: p50 48 ms at one client against 4.9 ms with one worker; a bare uvicorn app, 44 ms
+    against 0.44). Linux copies the option from the listening socket to every accepted one.
+    """
+    import socket
+
+    from uvicorn.supervisors import Multiprocess
+
+    sock = config.bind_socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    Multiprocess(config, sockets=[sock]).run()

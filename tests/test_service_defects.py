@@ -289,3 +289,24 @@ def test_a_first_load_found_by_the_watcher_is_loaded_too(tmp_path, tiny_version)
         text = c.get("/metrics").text
         assert metric(text, "atop_model_reloads_total", result="loaded") == 1
         assert metric(text, "atop_model_reloads_total", result="swapped") == 0
+
+
+def test_two_workers_answer_without_a_nagle_stall(tmp_path, service_store):
+    """--workers 2 used to add ~40 ms to every keep-alive request (no TCP_NODELAY on the
+    connections accepted from uvicorn's shared socket: Nagle waited for the delayed ACK)."""
+    import httpx
+
+    server = ServiceProcess(tmp_path / "serve.log", "--store", str(service_store), "--workers", "2")
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            for _ in range(5):  # both workers warm, the connection open
+                c.get("/healthz")
+            times = []
+            for _ in range(21):
+                t0 = time.perf_counter()
+                assert c.get("/healthz").status_code == 200
+                times.append(time.perf_counter() - t0)
+        assert sorted(times)[10] < 0.025, f"median {1000 * sorted(times)[10]:.1f} ms: {server.log()[-1500:]}"
+    finally:
+        server.stop()
