@@ -23,9 +23,9 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from atop.imaging import fit_square, to_rgb  # rules 4 and 5, shared with training
+from atop.imaging import model_pixels  # rules 4 and 5, shared with training
 from service.errors import ApiError
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
@@ -89,9 +89,7 @@ def decode_image(data: bytes, *, size: int, max_pixels: int) -> np.ndarray:
         if im.format == "JPEG":
             im.draft("RGB", (size, size))
         im.load()
-        im = ImageOps.exif_transpose(im)
-        rgb = fit_square(to_rgb(im), size)
-        arr = np.asarray(rgb, dtype=np.uint8)
+        arr = model_pixels(im, size)  # EXIF orientation, rules 4 and 5
     except ApiError:
         raise
     except Exception as e:  # truncated data, corrupt chunks, decoder errors of any kind
