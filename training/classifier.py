@@ -199,6 +199,16 @@ class FlipAveraged(nn.Module):
 ARCHITECTURES = {"resnet": ResNet, "fast": FastNet, "ensemble": Ensemble}
 
 
+def require_classes(cfg: ClassifierConfig, classes: tuple[str, ...], what: str) -> None:
+    """Refuse a classifier (``what`` names it) whose outputs are not ``classes`` in this order;
+    a checkpoint from before names were recorded can only be checked by the count."""
+    if cfg.num_classes != len(classes) or cfg.classes not in ((), tuple(classes)):
+        raise ValueError(
+            f"{what} answers {', '.join(cfg.classes) or f'{cfg.num_classes} unnamed classes'};"
+            f" the data's classes are {', '.join(classes)}"
+        )
+
+
 def build_classifier(cfg: ClassifierConfig) -> nn.Module:
     net = ARCHITECTURES[cfg.arch](replace(cfg, flip_tta=False) if cfg.flip_tta else cfg)
     return FlipAveraged(net, cfg) if cfg.flip_tta else net

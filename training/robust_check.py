@@ -119,6 +119,15 @@ class BestEpoch:
         metrics = {"holdout_acc": check["clean_acc"], "robust_acc": check["robust_acc"]}
         return metrics | {"top_robust_acc": self.top, "collapsed": collapsed}, keep
 
+    def record_and_keep(self, check: dict, n: int, metrics: dict, save_best) -> dict:
+        """``metrics`` with the check's (``record``); ``save_best(those metrics)`` writes
+        best.safetensors when the rule keeps this epoch."""
+        found, keep = self.record(check, n)
+        metrics = metrics | found
+        if keep:
+            save_best(metrics)
+        return metrics
+
     def update(self, robust: float, clean: float = 0.0, n: int | None = None) -> tuple[bool, bool]:
         """(keep this epoch as the best, has robustness collapsed: stop training)."""
         self.top = max(self.top, robust)

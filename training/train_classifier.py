@@ -49,6 +49,7 @@ from training.classifier import (
     ClassifierConfig,
     build_classifier,
     load_classifier,
+    require_classes,
 )
 from training.data import (
     CIFAR10_CLASSES,
@@ -208,15 +209,7 @@ def run(
     soft, labels = None, train.labels
     if cfg.teacher:
         teacher = load_classifier(cfg.teacher)
-        if teacher.cfg.num_classes != model_cfg.num_classes or teacher.cfg.classes not in (
-            (),
-            model_cfg.classes,
-        ):
-            raise ValueError(
-                f"--teacher {cfg.teacher} answers {teacher.cfg.num_classes} classes"
-                f" ({', '.join(teacher.cfg.classes) or 'unnamed'}); this data has"
-                f" {', '.join(model_cfg.classes)}"
-            )
+        require_classes(teacher.cfg, model_cfg.classes, f"--teacher {cfg.teacher}")
         soft = soft_targets(teacher.to(info.device), train, cfg.distill_temperature)
         # The loop hands each step its images' positions in place of their labels, so the step
         # can look up both the label and the soft target.
@@ -285,15 +278,13 @@ def run(
             split = test.subset(cfg.purified_test) if cfg.purified_test else test
             metrics["test_acc_purified"] = evaluate_purified(purifier, served, spec, split)["pipeline_acc"]
         if held is not None and info.main:
-            found, keep = best.record(robust_accuracy(served, held, check), len(held))
-            metrics |= found
-            if keep:
-                save(
-                    "best.safetensors",
-                    step,
-                    step // steps_per_epoch(train, cfg.batch_size, info.world_size),
-                    metrics,
-                )
+            epoch = step // steps_per_epoch(train, cfg.batch_size, info.world_size)
+            metrics = best.record_and_keep(
+                robust_accuracy(served, held, check),
+                len(held),
+                metrics,
+                lambda m: save("best.safetensors", step, epoch, m),
+            )
         return metrics
 
     loop = common.LoopSpec(

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from training import common, robust_check
 from training.attacks import fgsm, pgd
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.classifier import load_classifier
+from training.classifier import load_classifier, require_classes
 from training.data import DATA_HELP, batches, load_split, steps_per_epoch
 from training.purifier import (
     DefendedPipeline,
@@ -134,7 +134,7 @@ def run(
     train = load_split(cfg.data, "train", size=size)
     test = load_split(cfg.data, "test", size=size, classes=train.classes)
     if classifier is not None:
-        _check_classes(classifier.cfg, cfg.classifier, train)
+        require_classes(classifier.cfg, train.classes, f"classifier {cfg.classifier}")
     if cfg.limit_train:
         train = train.subset(cfg.limit_train, seed=cfg.seed)
     test = test.subset(cfg.limit_test or cfg.eval_images, seed=cfg.seed)
@@ -257,15 +257,13 @@ def run(
             target = StochasticPipeline(
                 DefendedPipeline(G, classifier, spec), torch.Generator().manual_seed(cfg.seed + 77)
             )
-            found, keep = best.record(robust_accuracy(target, held, check), len(held))
-            res |= found
-            if keep:
-                save(
-                    "best.safetensors",
-                    step,
-                    step // steps_per_epoch(train, cfg.batch_size, info.world_size),
-                    res,
-                )
+            epoch = step // steps_per_epoch(train, cfg.batch_size, info.world_size)
+            res = best.record_and_keep(
+                robust_accuracy(target, held, check),
+                len(held),
+                res,
+                lambda m: save("best.safetensors", step, epoch, m),
+            )
         return {**{f"train_{k}": v for k, v in means.items()}, **res}
 
     loop = common.LoopSpec(
@@ -293,16 +291,6 @@ def _image_size(cfg: PurifierTrainConfig, classifier) -> int:
     if cfg.image_size and own and cfg.image_size != own:
         raise ValueError(f"--image-size {cfg.image_size}, but {cfg.classifier} takes {own}-px images")
     return cfg.image_size or own or 32
-
-
-def _check_classes(model_cfg, where: str, train) -> None:
-    """The data's classes must be the classifier's, in its order (older checkpoints carry no
-    names: then only the count can be checked)."""
-    if model_cfg.num_classes != len(train.classes) or model_cfg.classes not in ((), train.classes):
-        raise ValueError(
-            f"the data's classes ({', '.join(train.classes)}) are not those of classifier {where}"
-            f" ({', '.join(model_cfg.classes) or f'{model_cfg.num_classes} unnamed'})"
-        )
 
 
 ARGS = [  # (field, help); defaults come from the config (per stage)
