@@ -192,12 +192,17 @@ def answers(served: Served, metrics) -> list[ImageResult]:
     return results
 
 
+# What every route that takes images shares: its errors, the documented request forms and
+# options, the API key (/classify and /inspect).
+IMAGE_ROUTE = dict(
+    responses=ERROR_RESPONSES, openapi_extra=REQUEST_DOC, dependencies=[Depends(require_api_key)]
+)
+
+
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
-    responses=ERROR_RESPONSES,
-    openapi_extra=REQUEST_DOC,
-    dependencies=[Depends(require_api_key)],
+    **IMAGE_ROUTE,
     summary="Classify images through the AToP defense",
 )
 async def classify(

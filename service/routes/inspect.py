@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
+from service.deps import MetricsDep, RegistryDep, SettingsDep
 from service.logs import current_request_id
-from service.routes.classify import REQUEST_DOC, answers, serve
-from service.schemas import ERROR_RESPONSES, ModelRef
+from service.routes.classify import IMAGE_ROUTE, answers, serve
+from service.schemas import ModelRef
 from service.views import InspectResponse, inspect_results, slot_card
 
 router = APIRouter(tags=["classify"])
@@ -17,9 +17,7 @@ router = APIRouter(tags=["classify"])
 @router.post(
     "/inspect",
     response_model=InspectResponse,
-    responses=ERROR_RESPONSES,
-    openapi_extra=REQUEST_DOC,
-    dependencies=[Depends(require_api_key)],
+    **IMAGE_ROUTE,
     summary="Classify images and show what the defense did to them",
 )
 async def inspect(
