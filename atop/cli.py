@@ -30,17 +30,17 @@ _RESUME = "continue the run in --out from last.safetensors"
 TRAIN_COMMANDS = [
     (
         "classifier",
-        "training.train_classifier",
+        "training.train.classifier",
         "standard or PGD-adversarial training of the classifier f",
         _RESUME,
     ),
     (
         "purifier",
-        "training.train_purifier",
+        "training.train.purifier",
         "pre-train the inpainting purifier g (L1 + hinge GAN on RT'd images)",
         _RESUME,
     ),
-    ("finetune", "training.finetune", "AToP: fine-tune g adversarially with f frozen", _RESUME),
+    ("finetune", "training.train.finetune", "AToP: fine-tune g adversarially with f frozen", _RESUME),
     (
         "ensemble",
         "training.ensemble",

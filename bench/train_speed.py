@@ -1,9 +1,9 @@
 """Training-step throughput (images per second) of the real training commands, fp32 against bf16.
 
 Runs ``atop train classifier | purifier | finetune`` itself for a few steps on a slice of the
-training data, timing only the training step (the loop's ``step_fn``; data loading between
-steps and the per-epoch checks are left out) and skipping the first step (warm-up). Every
-setting of the command's config can be given with ``--set key=value``.
+training data, timing only the training step (the ``step`` a trainer hands to ``Run.train``;
+data loading between steps and the per-epoch checks are left out) and skipping the first step
+(warm-up). Every setting of the command's config can be given with ``--set key=value``.
 
     python bench/train_speed.py classifier --set arch=fast --set width=64 --set depth=2 \
         --set adversarial=fgsm --set batch_size=128
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from training import common
+from training.train import loop
 
 
 def _value(text: str):
@@ -38,15 +38,15 @@ def _value(text: str):
 
 def config(command: str, data: str, out: str, sets: dict):
     if command == "classifier":
-        from training.train_classifier import TrainClassifierConfig
+        from training.train.classifier import TrainClassifierConfig
 
         base = TrainClassifierConfig(data=data, out=out)
     elif command == "purifier":
-        from training.train_purifier import PurifierTrainConfig
+        from training.train.purifier import PurifierTrainConfig
 
         base = PurifierTrainConfig(data=data, out=out)
     else:
-        from training.finetune import FINETUNE_DEFAULTS
+        from training.train.finetune import FINETUNE_DEFAULTS
 
         base = dataclasses.replace(FINETUNE_DEFAULTS, data=data, out=out)
     return dataclasses.replace(base, **sets)
@@ -55,27 +55,28 @@ def config(command: str, data: str, out: str, sets: dict):
 def measure(command: str, cfg, threads: int) -> float:
     """Images per second of the training step, over steps 2.. of a short run."""
     times: list[float] = []
-    loop = common.train_loop
+    train = loop.Run.train
 
-    def timed_loop(spec, info, train, runlog, *, step_fn, epoch_end_fn, **kw):
-        def step(x, y, i, total):
+    def timed_train(session, config, split, step_fn, checks, **kw):
+        def step(batch, i, total):
             t = time.perf_counter()
-            r = step_fn(x, y, i, total)
+            r = step_fn(batch, i, total)
             times.append(time.perf_counter() - t)
             return r
 
-        return loop(spec, info, train, runlog, step_fn=step, epoch_end_fn=lambda s, m: {}, **kw)
+        session.best = None  # no per-epoch checks: only the step is timed
+        return train(session, config, split, step, lambda: {}, **kw)
 
-    common.train_loop = timed_loop
+    loop.Run.train = timed_train
     try:
         torch.manual_seed(0)
         if command == "classifier":
-            from training.train_classifier import run
+            from training.train.classifier import run
         else:
-            from training.train_purifier import run
+            from training.train.purifier import run
         run(cfg, threads=threads)
     finally:
-        common.train_loop = loop
+        loop.Run.train = train
     steps = times[1:]
     return cfg.batch_size * len(steps) / sum(steps)
 

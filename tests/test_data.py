@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.tiny_data import CLASSES, make_images, write_folder, write_folder_tars, write_python_archive
-from training.data import DataError, augment, batches, load_split
+from training.data import DataError, augment, load_split, train_batches
 
 
 @pytest.fixture(autouse=True)
@@ -112,8 +112,8 @@ def test_batches_shard_disjointly_across_ranks(tmp_path):
     seen = []
     for rank in range(2):
         gen = torch.Generator().manual_seed(0)
-        for x, y in batches(split, 8, gen=gen, train=True, rank=rank, world_size=2):
-            assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
-            seen.append(y)
+        for b in train_batches(split, 8, gen, rank=rank, world_size=2):
+            assert b.x.dtype == torch.float32 and b.x.min() >= 0 and b.x.max() <= 1
+            seen.append(b.y)
     assert sum(len(y) for y in seen) == 48
     assert np.isclose(torch.cat(seen).float().mean().item(), 1.0)

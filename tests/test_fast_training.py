@@ -17,13 +17,14 @@ from torch.nn import functional as F
 from atop.cli import main as atop
 from tests.tiny_data import CLASSES, make_images, write_folder
 from tests.tiny_models import make_checkpoints
-from training import common
-from training import train_classifier as tc
 from training.attacks import fgsm_rs, project
 from training.checkpoint import load_checkpoint
 from training.data import Split, load_split
 from training.purifier import pass_through
-from training.robust_check import BestEpoch, RobustCheck
+from training.train import classifier as tc
+from training.train import loop
+from training.train.robust_check import BestEpoch, RobustCheck
+from training.train.step import WeightAverage, autocast
 from training.transforms import RTSpec
 
 TINY_CLASSIFIER = "--depth 1 --width 4 --batch-size 16 --threads 1"
@@ -67,7 +68,7 @@ def test_precision_changes_the_arithmetic_and_unknown_ones_are_refused(data, tmp
     b = _weights(tmp_path / "fp32" / "final.safetensors", "classifier")
     assert any(not torch.equal(a[k], b[k]) for k in a)  # same seed and data: only bf16 differs
     with pytest.raises(ValueError, match="precision"):
-        common.autocast(torch.device("cpu"), "fp16")
+        autocast(torch.device("cpu"), "fp16")
     with pytest.raises(ValueError, match="precision"):
         tc.run(replace(cfg, out=str(tmp_path / "x"), precision="fp16"))
     with pytest.raises(SystemExit):  # the CLI offers bf16 and fp32 only
@@ -157,18 +158,18 @@ def _fingerprints(split: Split) -> set[str]:
 
 def test_fgsm_training_checks_every_epoch_and_keeps_the_best(data, tmp_path, monkeypatch):
     seen: dict[str, Split] = {}
-    loop, check = common.train_loop, tc.robust_accuracy
+    train, check = loop.Run.train, loop.robust_accuracy
 
-    def spy_loop(spec, info, train_split, *args, **kwargs):
+    def spy_train(run, config, train_split, *args, **kwargs):
         seen["trained"] = train_split
-        return loop(spec, info, train_split, *args, **kwargs)
+        return train(run, config, train_split, *args, **kwargs)
 
     def spy_check(model, split, *args, **kwargs):
         seen["checked"] = split
         return check(model, split, *args, **kwargs)
 
-    monkeypatch.setattr(common, "train_loop", spy_loop)
-    monkeypatch.setattr(tc, "robust_accuracy", spy_check)
+    monkeypatch.setattr(loop.Run, "train", spy_train)
+    monkeypatch.setattr(loop, "robust_accuracy", spy_check)
     cmd = f"train classifier --data {data} --out {tmp_path} {TINY_CLASSIFIER} --epochs 3 --lr 0.05"
     assert atop(f"{cmd} --adversarial fgsm --robust-check 16".split()) == 0
     log = _epochs(tmp_path)
@@ -196,7 +197,7 @@ def test_fgsm_training_checks_every_epoch_and_keeps_the_best(data, tmp_path, mon
 
 def test_weight_average_moves_a_fraction_of_the_way_and_copies_counters():
     net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    average = common.WeightAverage(net, 0.5)
+    average = WeightAverage(net, 0.5)
     start = average.model[0].weight.clone()
     with torch.no_grad():
         net[0].weight.add_(1.0)
@@ -208,18 +209,18 @@ def test_weight_average_moves_a_fraction_of_the_way_and_copies_counters():
     assert torch.allclose(average.model[0].weight, start + 0.5 + 0.9 * 0.5)
     assert not any(p.requires_grad for p in average.model.parameters())
     with pytest.raises(ValueError, match="--ema"):
-        common.WeightAverage(net, 1.0)
+        WeightAverage(net, 1.0)
 
 
 def test_ema_run_checks_and_saves_the_average(data, tmp_path, monkeypatch):
     checked: list[nn.Module] = []
-    check = tc.robust_accuracy
+    check = loop.robust_accuracy
 
     def spy_check(model, *args, **kwargs):
         checked.append(model)
         return check(model, *args, **kwargs)
 
-    monkeypatch.setattr(tc, "robust_accuracy", spy_check)
+    monkeypatch.setattr(loop, "robust_accuracy", spy_check)
     cmd = f"train classifier --data {data} --out {tmp_path} {TINY_CLASSIFIER} --epochs 2 --lr 0.05"
     assert atop(f"{cmd} --adversarial fgsm --robust-check 16 --ema 0.8".split()) == 0
     last = load_checkpoint(tmp_path / "last.safetensors")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.checkpoint import save_checkpoint
+from training.checkpoint import run_config, save_checkpoint
 from training.classifier import ClassifierConfig, build_classifier, load_classifier
 from training.purifier import DefendedPipeline, PurifierConfig, UNetPurifier, load_purifier
 from training.transforms import RTSpec
@@ -17,8 +17,9 @@ from training.transforms import RTSpec
 def make_checkpoints(
     out: Path, kind: str = "rt2", *, num_classes: int = 10, seed: int = 0, arch: str = "resnet"
 ) -> tuple[Path, Path]:
-    """(classifier, purifier) checkpoint paths under ``out``, as train_classifier/train_purifier
-    would save them (``saved_config``), with width-4 models, classifier ``arch`` and RT ``kind``."""
+    """(classifier, purifier) checkpoint paths under ``out``, as ``atop train classifier`` and
+    ``atop train purifier`` would save them (``run_config``), with width-4 models, classifier
+    ``arch`` and RT ``kind``."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if arch == "ensemble":  # both network kinds, mirror-averaged: every classifier op at once
@@ -73,20 +74,20 @@ def save_pipeline_checkpoints(
     c = save_checkpoint(
         out / "classifier.safetensors",
         models={"classifier": classifier},
-        config={"kind": "classifier", "train": train, "model": classifier.cfg.to_dict()},
+        config=run_config("classifier", train=train, model=classifier.cfg.to_dict()),
         step=steps[0],
         epoch=0,
     )
     p = save_checkpoint(
         out / "purifier.safetensors",
         models={"purifier": purifier},
-        config={
-            "kind": "purifier",
-            "stage": "pretrain",
-            "train": train if purifier_train is None else purifier_train,
-            "model": purifier.cfg.to_dict(),
-            "rt": rt,
-        },
+        config=run_config(
+            "purifier",
+            train=train if purifier_train is None else purifier_train,
+            model=purifier.cfg.to_dict(),
+            stage="pretrain",
+            rt=rt,
+        ),
         step=steps[1],
         epoch=0,
     )

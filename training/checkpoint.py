@@ -4,14 +4,21 @@ Everything a resume needs goes into that one file: tensors of every model and op
 ``model/<name>/...`` and ``optim/<name>/...``, and a JSON header (config, step, epoch, metrics,
 optimizer hyper-parameters, git commit) in the safetensors metadata. No pickle anywhere. A
 readable copy of the JSON is written beside it as ``<stem>.json``.
+
+The header's config is ``{"kind", "train", "model", ...}``: written by ``run_config`` and read by
+``model_config`` (which refuses a checkpoint of another kind). Also here, for every file that
+training writes or loads: ``atomic_path`` (temp file, then rename) and ``quiet_jit`` (the
+TorchScript deprecation warning filter).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import subprocess
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +28,42 @@ from safetensors.torch import save_file
 from torch import nn
 
 FORMAT = "atop-checkpoint/1"
+JIT_DEPRECATED = r".*torch\.jit.*deprecated"  # torch 2.13 deprecates torch.jit; it still works
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends
+    without an error (and removed when it does not), so a reader finds the old file or the whole
+    new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def quiet_jit():
+    """torch.jit calls without its deprecation warning (TorchScript stays one of our formats)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=JIT_DEPRECATED, category=DeprecationWarning)
+        yield
+
+
+def run_config(kind: str, *, train: dict, model: dict, **extra) -> dict:
+    """The config a checkpoint of ``kind`` ("classifier" or "purifier") carries: the training
+    settings (or provenance) ``train``, the model's ``model`` config, and ``extra`` entries."""
+    return {"kind": kind, "train": train, "model": model, **extra}
+
+
+def model_config(config: dict, kind: str, where) -> dict:
+    """The ``model`` entry of a checkpoint config, refused (naming ``where``) unless the
+    checkpoint is of ``kind``."""
+    if config.get("kind") != kind:
+        raise ValueError(f"{where}: not a {kind} checkpoint (kind={config.get('kind')!r})")
+    return config["model"]
 
 
 @functools.cache
@@ -127,14 +170,10 @@ def save_checkpoint(
         "optimizers": opt_meta,
         "git_commit": git_commit(),
     }
-    text = json.dumps(header, sort_keys=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(flat, str(tmp), metadata={"atop": text})
-    os.replace(tmp, path)
-    side = path.with_suffix(".json")
-    tmp_side = side.with_name(f".{side.name}.tmp{os.getpid()}")
-    tmp_side.write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_side, side)
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata={"atop": json.dumps(header, sort_keys=True)})
+    with atomic_path(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
     return path
 
 

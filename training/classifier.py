@@ -240,9 +240,8 @@ def classifier_from_store(folder) -> nn.Module:
     TorchScript file, after the version's checksums are verified. So a published version is
     enough to build on (e.g. to fine-tune a purifier over its f) without keeping the training
     checkpoint's weights in the repository as well."""
-    import warnings
-
     from model_store import verify
+    from training.checkpoint import quiet_jit
 
     manifest = verify(folder)
     recipe = (manifest.get("provenance", {}).get("recipe") or {}).get("classifier") or {}
@@ -250,8 +249,7 @@ def classifier_from_store(folder) -> nn.Module:
     if "config" not in recipe or ts is None:
         raise ValueError(f"{folder}: the manifest lacks the classifier's config or a TorchScript file")
     model = build_classifier(classifier_config_from(recipe["config"], folder))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+    with quiet_jit():
         scripted = torch.jit.load(str(folder / ts["file"]), map_location="cpu")
     prefix = "classifier."
     weights = {k[len(prefix) :]: v for k, v in scripted.state_dict().items() if k.startswith(prefix)}
@@ -261,6 +259,6 @@ def classifier_from_store(folder) -> nn.Module:
 
 
 def classifier_config_from(config: dict, where) -> ClassifierConfig:
-    if config.get("kind") != "classifier":
-        raise ValueError(f"{where}: not a classifier checkpoint (kind={config.get('kind')!r})")
-    return ClassifierConfig.from_dict(config["model"])
+    from training.checkpoint import model_config
+
+    return ClassifierConfig.from_dict(model_config(config, "classifier", where))

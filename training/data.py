@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from atop.imaging import fit_square, model_pixels
+from training.checkpoint import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,16 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Split:
-    """One split held in memory: images uint8 [N,3,H,W], labels int64 [N]."""
+    """One split held in memory: images uint8 [N,3,H,W], labels int64 [N], and optionally soft
+    targets float [N, classes] (a teacher's predictions, see ``atop train classifier --teacher``)
+    that travel with their images through ``subset``, ``hold_out`` and ``train_batches``."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: tuple[str, ...]
     source: str
     checksum: str
+    soft: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -88,7 +92,8 @@ class Split:
         return self._take(rest), self._take(held)
 
     def _take(self, idx: torch.Tensor) -> Split:
-        return Split(self.images[idx], self.labels[idx], self.classes, self.source, self.checksum)
+        soft = None if self.soft is None else self.soft[idx]
+        return Split(self.images[idx], self.labels[idx], self.classes, self.source, self.checksum, soft)
 
 
 def _file_digest(path: Path, algo: str = "sha256") -> str:
@@ -299,9 +304,8 @@ def load_split(
             x, y, found = _load_folder(path, split, size)
         if cache and kind in ("python-tar", "folder-tar"):
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
-            np.savez(tmp, x=x, y=y, classes=np.asarray(found))
-            os.replace(tmp, cache_file)
+            with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
+                np.savez(f, x=x, y=y, classes=np.asarray(found))
     labels = torch.from_numpy(y)
     if classes is not None and tuple(classes) != found:
         labels = _relabel(labels, found, tuple(classes), f"{path} ({split})")
@@ -370,36 +374,39 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
-def batches(
-    split: Split,
-    batch_size: int,
-    *,
-    gen: torch.Generator | None = None,
-    train: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
-):
-    """Yield (x float in [0,1], y) batches. ``train`` shuffles, augments and drops the tail.
+def batches(split: Split, batch_size: int):
+    """Yield (x float in [0,1], y) batches of every image, in order (evaluation)."""
+    for i in range(0, len(split), batch_size):
+        yield split.images[i : i + batch_size].float().div(255), split.labels[i : i + batch_size]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training batch: images float [B,3,H,W] in [0,1], their labels, and their soft targets
+    when the split carries them."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    soft: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        soft = None if self.soft is None else self.soft.to(device)
+        return Batch(self.x.to(device), self.y.to(device), soft)
+
+
+def train_batches(split: Split, batch_size: int, gen: torch.Generator, *, rank: int = 0, world_size: int = 1):
+    """Yield one epoch of ``Batch``es: shuffled by ``gen``, augmented, the tail dropped.
 
     Under DDP every rank draws the same permutation (same seed) and takes its own stride of
     it, so the ranks see disjoint data and the same number of steps.
     """
-    n = len(split)
-    if train:
-        assert gen is not None, "training batches need a generator"
-        order = torch.randperm(n, generator=gen)
-        per_rank = n // world_size
-        order = order[rank::world_size][:per_rank]
-        steps = per_rank // batch_size
-    else:
-        order = torch.arange(n)[rank::world_size]
-        steps = -(-len(order) // batch_size)
-    for i in range(steps):
+    order = torch.randperm(len(split), generator=gen)
+    per_rank = len(split) // world_size
+    order = order[rank::world_size][:per_rank]
+    for i in range(per_rank // batch_size):
         idx = order[i * batch_size : (i + 1) * batch_size]
-        x = split.images[idx].float().div_(255)
-        if train:
-            x = augment(x, gen)
-        yield x, split.labels[idx]
+        x = augment(split.images[idx].float().div_(255), gen)
+        yield Batch(x, split.labels[idx], None if split.soft is None else split.soft[idx])
 
 
 def steps_per_epoch(split: Split, batch_size: int, world_size: int = 1) -> int:

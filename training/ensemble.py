@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from model_store import sha256_file
-from training import common
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import load_checkpoint, run_config, save_checkpoint
 from training.classifier import ClassifierConfig, build_classifier, classifier_config
 from training.data import load_split
+from training.metrics import accuracy
 
 log = logging.getLogger("atop.train.ensemble")
 
@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
         test = load_split(
             args.data, "test", size=model.cfg.image_size, classes=tuple(model.cfg.classes) or None
         )
-        metrics["test_acc"] = common.evaluate_accuracy(model, test)
+        metrics["test_acc"] = accuracy(model, test)["acc"]
         log.info(
             "ensemble of %d, flip_tta=%s: test top-1 %.4f",
             len(args.member),
@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
     path = save_checkpoint(
         out / "final.safetensors",
         models={"classifier": model},
-        config={"kind": "classifier", "train": provenance, "model": model.cfg.to_dict()},
+        config=run_config("classifier", train=provenance, model=model.cfg.to_dict()),
         step=0,
         epoch=0,
         metrics=metrics or None,

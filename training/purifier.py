@@ -146,12 +146,10 @@ IDENTITY_RT = RTSpec(kind="rt1", noise_std=0.0, missing=0.0)
 def load_purifier(src) -> tuple[UNetPurifier, RTSpec]:
     """The purifier and its deployed RT spec from a purifier/fine-tune checkpoint (a path, or a
     Checkpoint already read), eval mode."""
-    from training.checkpoint import Checkpoint, load_checkpoint
+    from training.checkpoint import Checkpoint, load_checkpoint, model_config
 
     ck = src if isinstance(src, Checkpoint) else load_checkpoint(src)
-    if ck.config.get("kind") != "purifier":
-        raise ValueError(f"{ck.path}: not a purifier checkpoint (kind={ck.config.get('kind')!r})")
-    model = UNetPurifier(PurifierConfig.from_dict(ck.config["model"]))
+    model = UNetPurifier(PurifierConfig.from_dict(model_config(ck.config, "purifier", ck.path)))
     model.load_state_dict(ck.state_dict("purifier"))
     return model.eval(), RTSpec.from_dict(ck.config["rt"])
 

@@ -29,7 +29,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from training.attacks import margin_loss
+from training.checkpoint import atomic_path
 from training.eval.attacks import AttackSpec, check_threat_model, run_attack
 from training.eval.targets import Target
 from training.transforms import RTSample, sample_rt
@@ -174,9 +174,8 @@ class EvalState:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.data) + "\n")
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(self.data) + "\n")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from training.checkpoint import atomic_path
 from training.data import DATA_HELP
 from training.eval import protocol
 from training.eval.attacks import ATTACKS
@@ -154,9 +155,8 @@ def write_merged(path: Path, result: dict) -> dict:
     old = json.loads(path.read_text()) if path.is_file() else {}
     result = result | {"robust": merge_robust(old.get("robust", []), result["robust"])}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -18,13 +18,13 @@ Sources:
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from training.checkpoint import quiet_jit
 from training.purifier import StochasticPipeline
 from training.transforms import RTSpec, apply_rt
 
@@ -183,8 +183,7 @@ def from_store(root: str, name: str, version: int | None, defense: str = "auto")
             f"{mv.path}: this version has no TorchScript file, so it cannot be attacked with exact "
             "gradients; re-export with --formats onnx,torchscript or evaluate its checkpoints"
         )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+    with quiet_jit():
         scripted = _frozen(torch.jit.load(str(mv.path / ts["file"]), map_location="cpu"))
     spec = RTSpec.from_dict({k: v for k, v in manifest["rt"].items() if k != "sampler"})
     recipe = manifest["provenance"].get("recipe", {})

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from atop import contract
+from training.checkpoint import quiet_jit
 from training.export.manifest import ONNX_FILE, TORCHSCRIPT_FILE
 from training.purifier import DefendedPipeline, purify
 from training.transforms import RTSpec, apply_rt, combine_copies
@@ -115,8 +116,7 @@ def _quiet():
     # torch.onnx warns "torchvision is not installed. Skipping torchvision::roi_align" and such.
     loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx")]
     levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+    with quiet_jit(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*axis name: B will not be used.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         for lg in loggers:

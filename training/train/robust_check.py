@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,16 @@ class RobustCheck:
     eps: float = 8 / 255
     seed: int = 0
     collapse: float = 0.5  # stop when robust accuracy falls below this share of the best
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """What the check runs on after each epoch: the held-out ``split`` and ``target()``, the
+    model to attack (called every epoch: a pipeline may want a freshly seeded generator)."""
+
+    check: RobustCheck
+    split: Split
+    target: Callable[[], Model]
 
 
 def hold_out(train: Split, check: RobustCheck) -> tuple[Split, Split]:

@@ -13,13 +13,10 @@ when a perturbation goes straight through g, about 0 when g removes it), stay fp
 from __future__ import annotations
 
 import argparse
-import logging
 
-import torch
-
-from training.train_purifier import PurifierTrainConfig, add_common_arguments, config_from_args, run
-
-log = logging.getLogger("atop.train.finetune")
+from training.train import cli
+from training.train.cli import config_from_args
+from training.train.purifier import PurifierTrainConfig, add_common_arguments, run
 
 FINETUNE_DEFAULTS = PurifierTrainConfig(
     data="",
@@ -55,8 +52,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, stage="finetune")
-    torch.manual_seed(cfg.seed)
-    metrics = run(cfg, resume=args.resume, overwrite=args.overwrite, threads=args.threads)
-    log.info("done: %s", metrics)
-    return 0
+    return cli.main(run, config_from_args(PurifierTrainConfig, args, stage="finetune"), args)

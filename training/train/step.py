@@ -1,0 +1,68 @@
+"""What a training step uses: the learning-rate schedule, the per-step generator, the bf16
+autocast (``--precision``), and the moving average of the weights (``--ema``)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def one_cycle_lr(step: int, total: int, peak: float, warmup: float = 0.05) -> float:
+    """Linear warm-up over ``warmup`` of the run, then cosine decay to zero."""
+    w = max(1, int(total * warmup))
+    if step < w:
+        return peak * (step + 1) / w
+    p = (step - w) / max(1, total - w)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator for everything random in training step ``step`` (attacks, RT draws): a
+    function of (seed, step) alone, so a resumed run replays exactly the same draws."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+PRECISIONS = ("bf16", "fp32")
+
+
+def check_precision(precision: str) -> None:
+    """Refuse an unknown --precision before a run loads anything."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, not {precision!r}")
+
+
+def autocast(device: torch.device, precision: str):
+    """The training step's autocast: bf16 (about 2x the fp32 throughput on a CPU with AVX-512
+    BF16, and on any recent GPU) or none. Evaluation and attacks outside training stay fp32."""
+    check_precision(precision)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics.
+
+    ``model`` is a frozen copy whose every float tensor moves ``1 - d`` of the way towards the
+    trained network's after each step, with ``d = min(decay, (1 + step) / (10 + step))`` so the
+    first steps do not drag in the random initialisation; integer buffers are copied. Averaged
+    weights generalise and resist attack better than the last iterate (Izmailov et al. 2018;
+    Rebuffi et al. 2021 for adversarial training), at the cost of one lerp per tensor per step.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"--ema must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        mine, theirs = self.model.state_dict(), model.state_dict()
+        for name, t in mine.items():
+            if t.dtype.is_floating_point:
+                t.lerp_(theirs[name], 1.0 - d)
+            else:
+                t.copy_(theirs[name])
