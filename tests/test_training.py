@@ -266,3 +266,28 @@ def test_classifier_distils_a_teacher(data, tmp_path, classifier_ckpt, purifier_
     assert ck.config["train"]["teacher"] == str(classifier_ckpt)
     assert ck.config["train"]["distill_weight"] == 1.0
     assert atop_run(f"{kd} --epochs 1 --out {tmp_path}/bad --distill-weight 0") == 2
+
+
+def _flag_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from training.train.distributed import DistInfo, rank0_flag
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        # only rank 0 runs the robust check, so only rank 0 can see a collapse
+        seen = rank0_flag(rank == 0, DistInfo(rank, 2))
+        Path(out, f"rank{rank}").write_text(str(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_stops_when_rank_0_sees_a_collapse(tmp_path):
+    """Under DDP the collapse stop is rank 0's decision; a rank that missed it would train on
+    alone and hang in the next collective."""
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_flag_worker, args=(init, str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0").read_text() == "True"
+    assert (tmp_path / "rank1").read_text() == "True"

@@ -75,9 +75,19 @@ def check_replicas(model: nn.Module, info: DistInfo) -> None:
 def all_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
     if info.world_size == 1:
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
     return {k: float(v) / info.world_size for k, v in zip(values, t, strict=True)}
+
+
+def rank0_flag(flag: bool, info: DistInfo) -> bool:
+    """Rank 0's ``flag`` on every rank (a decision only rank 0 can take, such as stopping when its
+    robust check sees a collapse: every rank must leave the loop at the same step)."""
+    if info.world_size == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=info.device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
 
 
 def finish_distributed(info: DistInfo) -> None:

@@ -41,6 +41,7 @@ from training.train.distributed import (
     check_replicas,
     finish_distributed,
     init_distributed,
+    rank0_flag,
     sync_buffers,
 )
 from training.train.robust_check import BestEpoch, HeldOut, robust_accuracy
@@ -171,7 +172,8 @@ class Run:
                 metrics = self._epoch_end(means, checks, replicas)
                 runlog.write(**metrics)
                 self.save("last.safetensors", metrics)
-                if metrics.get("collapsed"):  # the robust check saw catastrophic overfitting: done
+                # only rank 0 runs the robust check; every rank stops with it
+                if rank0_flag(bool(metrics.get("collapsed")), self.info):  # catastrophic overfitting
                     total = self.step
                     break
         bar.close()
