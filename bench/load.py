@@ -48,7 +48,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/load.py` from anywhere
-from service.process import ServeProcess, child_env  # noqa: E402 (needs the path above)
+from bench.serve_process import ServeProcess, child_env  # noqa: E402 (needs the path above)
 
 RESULTS = REPO / "bench" / "results"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 import model_store
+from bench.serve_process import ServeProcess
 from model_store import ModelVersion
-from service.process import ServeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "cifar10-atop"

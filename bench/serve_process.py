@@ -1,4 +1,4 @@
-"""``atop serve`` in a child process, for the integration tests and the load benchmark.
+"""``atop serve`` in a child process, for the integration tests and the benchmarks (not the service).
 
 The child gets a free local port, a clean environment (no inherited ``ATOP_*`` settings, one
 OpenMP thread unless the flags say otherwise) and a log file; ``wait_ready`` polls ``/readyz``
