@@ -82,6 +82,28 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
+# A request whose images add up to at most this many pixels (by their headers) is decoded on the
+# event loop: a 32x32 JPEG decodes in ~0.05 ms, less than the hand-over to the threadpool and back
+# costs; anything larger (up to ``max_pixels``) goes to the threadpool so the loop never stalls.
+INLINE_PIXELS = 128 * 128
+
+
+def small_images(blobs: list[bytes]) -> bool:
+    """True when every image's header parses and together they have <= INLINE_PIXELS pixels."""
+    total = 0
+    for data in blobs:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                w, h = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS).size
+        except Exception:  # anything odd takes the threadpool path, which reports it
+            return False
+        total += w * h
+        if total > INLINE_PIXELS:
+            return False
+    return True
+
+
 def decode_image(data: bytes, *, size: int, max_pixels: int) -> np.ndarray:
     """Bytes of one image -> float32 [3, size, size] in [0, 1]; ApiError on bad input."""
     im = open_checked(data, max_pixels)

@@ -47,7 +47,9 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0 = ORT's choice)")
     inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads (0 = ORT's choice)")
     spinning: bool = Field(
-        True, description="let ORT threads spin between ops (lower latency, more idle CPU)"
+        False,
+        description="let ORT threads spin between ops (off: measured faster on 2 cores, where a"
+        " spinning pool takes the CPU the event loop needs; docs/benchmarks.md)",
     )
     # dynamic batching, in cost units: one unit = one image x one EOT sample
     max_batch_size: int = Field(32, ge=1, le=4096, description="largest batch, in image-samples")

@@ -320,3 +320,29 @@ def test_ops_endpoints(client):
     ]
     assert ok(client.get("/openapi.json"))["paths"]["/classify"]["post"]
     assert client.get("/docs").status_code == 200
+
+
+def test_small_images_decode_on_the_loop_and_large_ones_in_the_threadpool(client, monkeypatch):
+    """A thread hop costs more than decoding a 32x32 image, so small requests skip it; a large
+    image must never decode on the event loop, and neither must bytes whose header is odd."""
+    from service.decode import INLINE_PIXELS, small_images
+    from service.routes import classify as route
+
+    hops = []
+    real = route.run_in_threadpool
+
+    async def spy(fn, *args):
+        hops.append(fn.__name__)
+        return await real(fn, *args)
+
+    monkeypatch.setattr(route, "run_in_threadpool", spy)
+    small = ok(client.post("/classify", content=png(32, 32), headers={"content-type": "image/png"}))
+    assert hops == []
+    big = encode(noise_image(256, 256), "JPEG", quality=50)  # under the fixture's 64 KiB body cap
+    large = ok(client.post("/classify", content=big, headers={"content-type": "image/jpeg"}))
+    assert hops == ["_prepare"]
+    assert small["results"][0]["label"] and large["results"][0]["label"]
+    side = int(INLINE_PIXELS**0.5)
+    assert small_images([png(side, side)]) and not small_images([png(side, side + 1)])
+    assert not small_images([png(96, 96), png(96, 96)])  # the request's total counts
+    assert not small_images([b"not an image"]) and not small_images([bomb_png(10**5, 10**5)])

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.batcher import BatcherClosed, DeadlineExceeded, InferenceFailed, Job, QueueFull
-from service.decode import decode_many
+from service.decode import decode_many, small_images
 from service.deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from service.errors import ApiError
 from service.inputs import ClassifyOptions, parse_options, parse_request
@@ -157,9 +157,11 @@ async def serve(request: Request, registry, settings, *, views: bool = False) ->
     if not slot.facts.random:  # identity RT: every draw gives the same answer, so compute one
         samples = 1
     try:  # the request finishes on the version it started with, even across a swap
-        n, (rows, noise, masks) = await run_in_threadpool(
-            _prepare, blobs, slot, samples, opts.seed, settings.max_pixels
-        )
+        args = (blobs, slot, samples, opts.seed, settings.max_pixels)
+        if small_images(blobs):  # cheaper to decode here than to hand over to the threadpool
+            n, (rows, noise, masks) = _prepare(*args)
+        else:
+            n, (rows, noise, masks) = await run_in_threadpool(_prepare, *args)
         remaining = deadline_ms / 1000.0 - (time.perf_counter() - t0)
         if remaining <= 0:
             raise DeadlineExceeded()
