@@ -184,6 +184,18 @@ def gateway(a: argparse.Namespace) -> None:
     st, _, out = request(f"{a.public}/readyz")
     check(st == 200 and json.loads(out)["status"] == "ready", "/readyz through the gateway", st)
 
+    say("the page and /inspect through the gateway")
+    st, _, out = request(f"{a.public}/ui")
+    check(st == 200 and b"<html" in out.lower(), "GET /ui through the gateway", st)
+    st, _, out = request(f"{a.public}/ui/info")
+    check(st == 200 and json.loads(out)["ready"], "GET /ui/info through the gateway", st)
+    st, _, out = request(f"{a.public}/ui/static/ui.js")
+    check(st == 200 and len(out) > 0, "GET /ui/static/ui.js through the gateway", st)
+    st, _, out = request(
+        f"{a.public}/inspect?seed=0", "POST", bmp((200, 30, 10)), {"Content-Type": "image/bmp"}
+    )
+    check(st == 200 and json.loads(out)["results"], "POST /inspect through the gateway", st)
+
     say("routes kept off the public port")
     for path, method in (("/metrics", "GET"), ("/v1/admin/versions", "GET"), ("/v1/admin/reload", "POST")):
         st, _, out = request(f"{a.public}{path}", method)
