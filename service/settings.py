@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     )
     max_images: int = Field(64, ge=1, description="most images in one request (413)")
     max_samples: int = Field(16, ge=1, le=256, description="cap on the EOT `samples` option")
+    max_inspect_draws: int = Field(
+        64, ge=1, description="most images x samples in one /inspect request (413): each draw is two PNGs"
+    )
     max_top_k: int = Field(10, ge=1, description="cap on the `top_k` option")
     # auth
     api_key: SecretStr | None = Field(None, description="if set, /classify requires X-API-Key")

@@ -121,6 +121,23 @@ def test_inspect_refuses_what_classify_refuses(client, kw, status, code):
         assert r.json()["request_id"] == r.headers["x-request-id"] and "Traceback" not in r.text
 
 
+def test_inspect_caps_images_times_samples_and_classify_does_not(service_store):
+    """Each /inspect draw is two PNGs in the answer: images x samples has its own cap, checked
+    before any work; the same request to /classify is fine."""
+    with TestClient(create_app(settings(service_store, max_images=4, max_inspect_draws=6))) as c:
+        body = {"images": [b64(sf.png(seed=i)) for i in range(2)], "samples": 3}
+        ok(c.post("/inspect", json=body))  # 2 x 3 = 6 draws: at the cap
+        before = c.get("/metrics").text
+        r = c.post("/inspect", json=body | {"samples": 4})  # 8 draws
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_draws", r.text
+        assert "2 images x 4 samples = 8" in r.json()["error"]["message"]
+        assert ok(c.post("/classify", json=body | {"samples": 4}))["samples"] == 4
+        # refused before the batcher: the only batch since `before` is /classify's
+        after = c.get("/metrics").text
+        batches = [sf.metric(t, "atop_batch_size_count") for t in (before, after)]
+        assert batches[1] - batches[0] == 1 and batches[0] > 0
+
+
 def test_api_key_guards_inspect_not_the_page(service_store):
     with TestClient(create_app(settings(service_store, api_key=sf.API_KEY))) as c:
         post = {"content": sf.png(), "headers": {"content-type": "image/png"}}

@@ -157,6 +157,13 @@ async def serve(request: Request, registry, settings, *, views: bool = False) ->
     if not slot.facts.random:  # identity RT: every draw gives the same answer, so compute one
         samples = 1
     try:  # the request finishes on the version it started with, even across a swap
+        if views and len(blobs) * samples > settings.max_inspect_draws:
+            raise ApiError(
+                413,
+                "too_many_draws",
+                f"{len(blobs)} images x {samples} samples = {len(blobs) * samples} draws to picture;"
+                f" /inspect's limit is {settings.max_inspect_draws} (send fewer images or samples)",
+            )
         args = (blobs, slot, samples, opts.seed, settings.max_pixels)
         if small_images(blobs):  # cheaper to decode here than to hand over to the threadpool
             n, (rows, noise, masks) = _prepare(*args)
