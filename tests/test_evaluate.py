@@ -241,3 +241,16 @@ def test_results_table(trained, tmp_path):
     assert "## Published figures" in text
     assert "†" in text and "### Protocol" in text
     assert "(2 draws, " in text and " thread" in text  # cost cell names its draws and threads
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--clean-n", "0"), ("--n", "0"), ("--samples", "0"), ("--steps", "-1"), ("--sweep-n", "-1")],
+)
+def test_counts_out_of_range_are_usage_errors_before_any_work(flag, value, capsys):
+    """--clean-n 0 used to run the whole attack, then die dividing by zero with a traceback."""
+    with pytest.raises(SystemExit) as e:
+        atop(["eval", "--data", "nowhere", "--store", "nowhere", flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be at least" in err and "Traceback" not in err

@@ -168,6 +168,23 @@ def _eps(text: str) -> float:
     return float(text)
 
 
+def _at_least(lo: int):
+    """An argparse type: an integer >= ``lo`` (a clear usage error before any work, not a crash
+    after an hour of attacks)."""
+
+    def parse(text: str) -> int:
+        v = int(text)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo} (got {v})")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+COUNT, COUNT0 = _at_least(1), _at_least(0)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = EvalConfig(data="")
     a = p.add_argument
@@ -195,18 +212,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--attacks", default=",".join(d.attacks), help=f"custom protocol, comma-separated: {','.join(ATTACKS)}")
     a("--norm", choices=["linf", "l2"], default=d.norm, help="custom protocol threat model (default linf)")
     a("--eps", type=_eps, default=d.eps, help="custom radius, e.g. 8/255 or 0.5 (default 8/255)")
-    a("--steps", type=int, default=d.steps, help=f"custom attack steps (default {d.steps})")
+    a("--steps", type=COUNT, default=d.steps, help=f"custom attack steps (default {d.steps})")
     a("--alpha", type=_eps, default=d.alpha, help="custom step size (default 2.5*eps/steps)")
-    a("--eot", type=int, default=d.eot, help=f"custom EOT draws per gradient (default {d.eot})")
-    a("--square-queries", type=int, default=d.square_queries, help="custom Square queries")
+    a("--eot", type=COUNT, default=d.eot, help=f"custom EOT draws per gradient (default {d.eot})")
+    a("--square-queries", type=COUNT0, default=d.square_queries, help="custom Square queries")
     a("--no-cascade", dest="cascade", action="store_false", help="every attack on every clean-correct image")
     a("--sweep", action="store_true", help="custom protocol: add the ε sweep (plot, monotonicity check)")
-    a("--sweep-n", type=int, default=d.sweep_n, help="images for the sweep (default: the preset's)")
-    a("--convergence-n", type=int, default=d.convergence_n, help="images for the convergence check (0: skip)")
-    a("--n", type=int, default=d.n, help=f"attacked test images, seeded subset (default {d.n})")
-    a("--clean-n", type=int, default=d.clean_n, help=f"images for clean accuracy (default {d.clean_n})")
-    a("--samples", type=int, default=d.samples, help=f"draws per answer, vote rule (default {d.samples})")
-    a("--batch-size", type=int, default=d.batch_size, help=f"attack batch (default {d.batch_size})")
+    a("--sweep-n", type=COUNT0, default=d.sweep_n, help="images for the sweep (default: the preset's)")
+    a(
+        "--convergence-n",
+        type=COUNT0,
+        default=d.convergence_n,
+        help="images for the convergence check (0: skip)",
+    )
+    a("--n", type=COUNT, default=d.n, help=f"attacked test images, seeded subset (default {d.n})")
+    a("--clean-n", type=COUNT, default=d.clean_n, help=f"images for clean accuracy (default {d.clean_n})")
+    a("--samples", type=COUNT, default=d.samples, help=f"draws per answer, vote rule (default {d.samples})")
+    a("--batch-size", type=COUNT, default=d.batch_size, help=f"attack batch (default {d.batch_size})")
     a("--seed", type=int, default=d.seed, help="seed of the subset and of every random draw")
     a(
         "--no-sanity",
