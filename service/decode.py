@@ -89,14 +89,13 @@ INLINE_PIXELS = 128 * 128
 
 
 def small_images(blobs: list[bytes]) -> bool:
-    """True when every image's header parses and together they have <= INLINE_PIXELS pixels."""
+    """True when every image passes ``open_checked`` (rules 1-2, header only) and together they
+    have <= INLINE_PIXELS pixels; anything refused takes the threadpool path, which reports it."""
     total = 0
     for data in blobs:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                w, h = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS).size
-        except Exception:  # anything odd takes the threadpool path, which reports it
+            w, h = open_checked(data, INLINE_PIXELS).size
+        except ApiError:
             return False
         total += w * h
         if total > INLINE_PIXELS:
