@@ -15,7 +15,8 @@ rows ("cost units"):
 * a job larger than a batch is split across consecutive batches; no batch exceeds the cap;
 * the queue holds at most ``queue_size`` rows; beyond that ``submit`` raises ``QueueFull`` (an
   oversized job is still admitted into an empty queue, so it cannot be refused forever);
-* each job has a deadline: rows of an expired job are dropped before they cost compute;
+* each job has a deadline: rows of an expired job are dropped before they cost compute; so are
+  the rows of a job whose client went away (``abandon``: the route watches the connection);
 * inference runs in one worker thread, off the event loop; one Batcher per model version, so a
   batch never mixes versions;
 * a job may ask for the image outputs too (``views``, for /inspect): a batch holding such a job
@@ -53,6 +54,10 @@ class BatcherClosed(Exception):
 
 class InferenceFailed(Exception):
     pass
+
+
+class ClientGone(Exception):
+    """The job's client went away before its answer was ready."""
 
 
 @dataclass(eq=False)
@@ -149,11 +154,16 @@ class Batcher:
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), max(remaining, 0.0))
         except TimeoutError:
-            job.abandoned = True
-            if job in self._jobs:  # free its queue room now, not when the loop reaches it
-                self._jobs.remove(job)
-                self._fail(job, DeadlineExceeded())
+            self.abandon(job, DeadlineExceeded())
             raise DeadlineExceeded() from None
+
+    def abandon(self, job: Job, exc: Exception) -> None:
+        """Nobody wants ``job`` any more: its waiter gets ``exc``, its queue room is freed now
+        (not when the loop reaches it), and rows not yet in a batch are never computed."""
+        job.abandoned = True
+        if job in self._jobs:
+            self._jobs.remove(job)
+        self._fail(job, exc)
 
     async def infer(self, image, noise, masks, timeout_s: float, *, views: bool = False) -> Job:
         return await self.wait(self.submit(image, noise, masks, timeout_s, views=views))

@@ -9,7 +9,15 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import PROBE_EVERY, Batcher, BatcherClosed, DeadlineExceeded, InferenceFailed, QueueFull
+from service.batcher import (
+    PROBE_EVERY,
+    Batcher,
+    BatcherClosed,
+    ClientGone,
+    DeadlineExceeded,
+    InferenceFailed,
+    QueueFull,
+)
 from service.metrics import Metrics
 from tests.service_fixtures import histogram_buckets
 
@@ -157,6 +165,24 @@ def test_deadline_frees_the_queue_and_costs_no_compute():
         assert b.depth == 0  # room given back at once
         await asyncio.sleep(0.4)
         assert fb.batches == []  # the expired job never reached the model
+        await b.aclose()
+
+    run(go())
+
+
+def test_an_abandoned_job_frees_the_queue_and_costs_no_compute():
+    async def go():
+        fb = FakeBackend()
+        b = await make(fb, max_batch_size=100, max_delay_ms=300)
+        gone, kept = b.submit(*rows(5), timeout_s=5), b.submit(*rows(2, start=10), timeout_s=5)
+        assert b.depth == 7
+        b.abandon(gone, ClientGone())
+        assert b.depth == 2  # room given back at once
+        with pytest.raises(ClientGone):
+            await b.wait(gone)
+        job = await b.wait(kept)
+        assert fb.batches == [2]  # only the kept job's rows reached the model
+        assert job.logits[:, 0].tolist() == [10.0, 11.0]
         await b.aclose()
 
     run(go())

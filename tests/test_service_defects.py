@@ -5,6 +5,7 @@ the first load counted as a swap."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import re
 import socket
@@ -64,7 +65,42 @@ def test_deeply_nested_json_is_a_4xx_at_any_depth(client, depth):
     ok(client.post("/classify", json={"image": b64(png())}))  # still serving
 
 
-# --- 2. a client that sends less than its Content-Length and goes away --------------------------
+# --- 2. a client that goes away: mid-body, or while its images wait for a batch ------------------
+def classify_scope(client, body: bytes) -> dict:
+    """The ASGI scope uvicorn builds for ``POST /classify`` with a PNG body."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/classify",
+        "raw_path": b"/classify",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "state": client.app_state.copy(),  # the lifespan's registry and metrics
+    }
+
+
+def assert_counted_as_gone(client, caplog, sent) -> str:
+    """Nothing was sent, nothing logged as an error, one 499 access line and metric; the
+    service still answers. Returns the metrics text."""
+    assert not sent  # nobody to answer
+    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, [r.getMessage() for r in bad]
+    access = [r for r in caplog.records if r.name == "atop.access" and "/classify" in r.getMessage()]
+    assert len(access) == 1 and access[0].levelno == logging.INFO and " 499 " in access[0].getMessage()
+    text = client.get("/metrics").text
+    assert metric(text, "atop_requests_total", route="/classify", status="499") == 1
+    assert metric(text, "atop_requests_total", route="/classify", status="500") == 0
+    assert metric(text, "atop_requests_total", route="/classify", status="200") == 0
+    ok(client.post("/classify", content=png(), headers={"content-type": "image/png"}))
+    return text
+
+
 def test_a_client_gone_mid_body_is_counted_apart_and_logged_without_a_traceback(client, caplog):
     """The ASGI messages uvicorn sends for a client that closes its connection mid-body."""
     body = png()
@@ -80,32 +116,39 @@ def test_a_client_gone_mid_body_is_counted_apart_and_logged_without_a_traceback(
     async def send(message):
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/classify",
-        "raw_path": b"/classify",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-        "state": client.app_state.copy(),  # the lifespan's registry and metrics
-    }
     with caplog.at_level(logging.DEBUG):
-        client.portal.call(client.app, scope, receive, send)
-    assert not sent  # nobody to answer
-    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
-    assert not bad, [r.getMessage() for r in bad]
-    access = [r for r in caplog.records if r.name == "atop.access" and "/classify" in r.getMessage()]
-    assert len(access) == 1 and access[0].levelno == logging.INFO and " 499 " in access[0].getMessage()
-    text = client.get("/metrics").text
-    assert metric(text, "atop_requests_total", route="/classify", status="499") == 1
-    assert metric(text, "atop_requests_total", route="/classify", status="500") == 0
-    ok(client.post("/classify", content=png(), headers={"content-type": "image/png"}))
+        client.portal.call(client.app, classify_scope(client, body), receive, send)
+    assert_counted_as_gone(client, caplog, sent)
+
+
+def test_a_client_gone_while_queued_costs_no_compute_and_is_counted_apart(service_store, caplog):
+    """The whole body arrives, the images wait for a batch (the batcher holds the first request
+    for max_delay_ms = 1.5 s), and the client closes its connection after 0.1 s: the request ends
+    at once as 499 with no answer, its rows leave the queue and never reach the model."""
+    settings = make_settings(service_store, max_delay_ms=1500, deadline_ms=10_000)
+    body, sent = png(), []
+    with TestClient(create_app(settings)) as c:
+        state = {"read": False}
+
+        async def receive():
+            if not state["read"]:
+                state["read"] = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(0.1)  # uvicorn: the next message is the disconnect, when it comes
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        t0 = time.perf_counter()
+        with caplog.at_level(logging.DEBUG):
+            c.portal.call(c.app, classify_scope(c, body), receive, send)
+        assert time.perf_counter() - t0 < 1.0  # not held until the batch would have flushed
+        text = c.get("/metrics").text
+        assert metric(text, "atop_queue_depth") == 0  # its room given back
+        assert metric(text, "atop_batch_size_count") == 0  # its rows never reached the model
+        assert_counted_as_gone(c, caplog, sent)  # ... which answers one more request
+        assert metric(c.get("/metrics").text, "atop_batch_size_count") == 1  # that one's batch
 
 
 # --- 3. /docs offline, and the options in the OpenAPI schema ---------------------------------

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
-from service.batcher import BatcherClosed, DeadlineExceeded, InferenceFailed, Job, QueueFull
+from service.batcher import (
+    Batcher,
+    BatcherClosed,
+    ClientGone,
+    DeadlineExceeded,
+    InferenceFailed,
+    Job,
+    QueueFull,
+)
 from service.decode import decode_many, small_images
 from service.deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from service.errors import ApiError
@@ -120,6 +130,23 @@ def _prepare(blobs, slot, samples, seed, max_pixels):
     return len(images), make_rows(images, slot.facts.spec, samples, seed)
 
 
+async def _abandon_when_gone(receive, batcher: Batcher, job: Job) -> None:
+    """Wait for the client to go away (the request body is read, so the next ASGI message is
+    the disconnect) and give up its job: queued rows are never computed, and the request ends
+    as 499 (service.middleware), not as an answer sent to nobody."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    batcher.abandon(job, ClientGone())
+
+
+async def _wait(request: Request, batcher: Batcher, job: Job) -> Job:
+    watch = asyncio.get_running_loop().create_task(_abandon_when_gone(request.receive, batcher, job))
+    try:
+        return await batcher.wait(job)
+    finally:
+        watch.cancel()
+
+
 @dataclass
 class Served:
     """One request answered by the model: what /classify and /inspect build their answers from."""
@@ -172,7 +199,10 @@ async def serve(request: Request, registry, settings, *, views: bool = False) ->
         remaining = deadline_ms / 1000.0 - (time.perf_counter() - t0)
         if remaining <= 0:
             raise DeadlineExceeded()
-        job = await slot.batcher.infer(rows, noise, masks, remaining, views=views)
+        job = slot.batcher.submit(rows, noise, masks, remaining, views=views)
+        job = await _wait(request, slot.batcher, job)
+    except ClientGone:
+        raise ClientDisconnect() from None  # service.middleware: 499, no answer
     except QueueFull as e:
         raise ApiError(
             429, "queue_full", "the server is busy; retry later", {"Retry-After": str(e.retry_after)}
