@@ -72,6 +72,10 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
         ) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ApiError(400, "invalid_image", "not a decodable PNG, JPEG, WebP or BMP image") from e
+    return _check_size(im, max_pixels)
+
+
+def _check_size(im: Image.Image, max_pixels: int) -> Image.Image:
     w, h = im.size
     if w < 1 or h < 1:
         raise ApiError(400, "invalid_image", "image has no pixels")
@@ -88,24 +92,27 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
 INLINE_PIXELS = 128 * 128
 
 
-def small_images(blobs: list[bytes]) -> bool:
-    """True when every image passes ``open_checked`` (rules 1-2, header only) and together they
-    have <= INLINE_PIXELS pixels; anything refused takes the threadpool path, which reports it."""
-    total = 0
+def small_images(blobs: list[bytes]) -> list[Image.Image] | None:
+    """The opened images (``open_checked``: rules 1-2, header only, nothing decoded) when every
+    one passes and together they have <= INLINE_PIXELS pixels, for ``decode_many(opened=...)``;
+    else None, and the threadpool path opens them again and reports what is wrong."""
+    total, opened = 0, []
     for data in blobs:
         try:
-            w, h = open_checked(data, INLINE_PIXELS).size
+            im = open_checked(data, INLINE_PIXELS)
         except ApiError:
-            return False
-        total += w * h
+            return None
+        total += im.size[0] * im.size[1]
         if total > INLINE_PIXELS:
-            return False
-    return True
+            return None
+        opened.append(im)
+    return opened
 
 
-def decode_image(data: bytes, *, size: int, max_pixels: int) -> np.ndarray:
-    """Bytes of one image -> float32 [3, size, size] in [0, 1]; ApiError on bad input."""
-    im = open_checked(data, max_pixels)
+def decode_image(data: bytes, *, size: int, max_pixels: int, opened: Image.Image | None = None) -> np.ndarray:
+    """Bytes of one image -> float32 [3, size, size] in [0, 1]; ApiError on bad input.
+    ``opened``: the same bytes already through ``open_checked`` (its header is not read again)."""
+    im = open_checked(data, max_pixels) if opened is None else _check_size(opened, max_pixels)
     try:
         if im.format == "JPEG":
             im.draft("RGB", (size, size))
@@ -118,12 +125,16 @@ def decode_image(data: bytes, *, size: int, max_pixels: int) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / 255.0
 
 
-def decode_many(blobs: list[bytes], *, size: int, max_pixels: int) -> np.ndarray:
-    """Several images -> float32 [N, 3, size, size]; the error message names the failing image."""
+def decode_many(
+    blobs: list[bytes], *, size: int, max_pixels: int, opened: list[Image.Image] | None = None
+) -> np.ndarray:
+    """Several images -> float32 [N, 3, size, size]; the error message names the failing image.
+    ``opened``: ``small_images``' answer for these blobs, when it gave one."""
     out = np.empty((len(blobs), 3, size, size), dtype=np.float32)
     for i, data in enumerate(blobs):
         try:
-            out[i] = decode_image(data, size=size, max_pixels=max_pixels)
+            im = None if opened is None else opened[i]
+            out[i] = decode_image(data, size=size, max_pixels=max_pixels, opened=im)
         except ApiError as e:
             if len(blobs) > 1:
                 e.message = f"image {i}: {e.message}"

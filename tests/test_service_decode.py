@@ -144,3 +144,18 @@ def test_decode_many_names_the_failing_image():
     with pytest.raises(ApiError) as e:
         decode_many([encode(noise_image(), "PNG"), b"junk"], size=S, max_pixels=MAXPIX)
     assert e.value.message.startswith("image 1:")
+
+
+def test_images_opened_by_small_images_decode_the_same_and_keep_the_server_limit():
+    """The route reads a small request's headers once (small_images) and decodes from them:
+    the same pixels as decoding the bytes afresh, and the server's own pixel limit still holds."""
+    from service.decode import small_images
+
+    blobs = [encode(noise_image(), "PNG"), encode(noise_image(48, 40), "JPEG", quality=90)]
+    opened = small_images(blobs)
+    assert opened is not None and len(opened) == 2
+    direct = decode_many(blobs, size=S, max_pixels=MAXPIX)
+    assert np.array_equal(decode_many(blobs, size=S, max_pixels=MAXPIX, opened=opened), direct)
+    with pytest.raises(ApiError) as e:  # a server configured below INLINE_PIXELS
+        decode_many(blobs, size=S, max_pixels=1000, opened=small_images(blobs))
+    assert e.value.status == 413 and e.value.message.startswith("image 0:")

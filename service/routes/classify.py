@@ -124,9 +124,10 @@ def _check_caps(opts: ClassifyOptions, settings) -> None:
         )
 
 
-def _prepare(blobs, slot, samples, seed, max_pixels):
-    """Decode and sample the randomness: CPU work, run in the threadpool."""
-    images = decode_many(blobs, size=slot.facts.image_size, max_pixels=max_pixels)
+def _prepare(blobs, slot, samples, seed, max_pixels, opened=None):
+    """Decode and sample the randomness: CPU work, run in the threadpool unless the images are
+    small (``opened``: their headers, already read by ``small_images``)."""
+    images = decode_many(blobs, size=slot.facts.image_size, max_pixels=max_pixels, opened=opened)
     return len(images), make_rows(images, slot.facts.spec, samples, seed)
 
 
@@ -192,8 +193,9 @@ async def serve(request: Request, registry, settings, *, views: bool = False) ->
                 f" /inspect's limit is {settings.max_inspect_draws} (send fewer images or samples)",
             )
         args = (blobs, slot, samples, opts.seed, settings.max_pixels)
-        if small_images(blobs):  # cheaper to decode here than to hand over to the threadpool
-            n, (rows, noise, masks) = _prepare(*args)
+        opened = small_images(blobs)
+        if opened is not None:  # cheaper to decode here than to hand over to the threadpool
+            n, (rows, noise, masks) = _prepare(*args, opened)
         else:
             n, (rows, noise, masks) = await run_in_threadpool(_prepare, *args)
         remaining = deadline_ms / 1000.0 - (time.perf_counter() - t0)
