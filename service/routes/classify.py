@@ -6,7 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -248,14 +248,14 @@ IMAGE_ROUTE = dict(
 )
 async def classify(
     request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
-) -> ClassifyResponse:
+) -> Response:
     """Options (query string or body): ``top_k``, ``samples`` (RT draws averaged, capped by the
     server; default: the model version's ``serving.samples``; a version without randomness
     answers with one draw, which is the same answer), ``seed`` (reproducible randomness),
     ``deadline_ms`` (shorter than the server's)."""
     served = await serve(request, registry, settings)
     results = answers(served, metrics)
-    return ClassifyResponse(
+    answer = ClassifyResponse(
         request_id=current_request_id() or "",
         model=ModelRef(name=served.slot.name, version=served.slot.version),
         samples=served.samples,
@@ -263,3 +263,6 @@ async def classify(
         results=results,
         timing=served.timing(),
     )
+    # Serialised here, by pydantic, once: returned as a model, FastAPI would validate it again
+    # against response_model and encode it with json.dumps (~15 us more per request).
+    return Response(answer.model_dump_json(), media_type="application/json")
