@@ -127,6 +127,23 @@ def test_a_version_without_randomness_computes_one_draw_whatever_samples_says(tm
     assert eight["results"] == again["results"]  # no randomness left: the same answer unseeded
 
 
+def test_an_identity_rt_reuses_one_draw_and_a_random_one_draws_afresh():
+    """make_rows computes an identity RT's draw once (the graph computes f(x) for any draw:
+    tests/test_export.py); the shapes and masks are a fresh draw's, and a random RT still draws."""
+    from atop import contract
+    from service.predict import make_rows
+
+    spec = {"kind": "rt1", "noise_std": 0.0, "block": 4, "missing": 0.0, "num_masks": 4, "image_size": 8}
+    x = np.random.default_rng(0).random((3, 3, 8, 8), dtype=np.float32)
+    rows, noise, masks = make_rows(x, spec, 2, None)
+    fresh_noise, fresh_masks = contract.sample_rt(spec, 6, np.random.default_rng(5))
+    assert rows.shape == (6, 3, 8, 8) and np.array_equal(rows[::2], x) and np.array_equal(rows[1::2], x)
+    assert noise.shape == fresh_noise.shape and np.array_equal(masks, fresh_masks)
+    assert np.array_equal(make_rows(x, spec, 2, None)[1], noise)  # the same draw, reused
+    random = dict(spec, kind="rt2", noise_std=0.1)
+    assert not np.array_equal(make_rows(x, random, 1, None)[1], make_rows(x, random, 1, None)[1])
+
+
 def test_probabilities_and_request_id(client):
     r = client.post(
         "/classify?top_k=10", content=png(), headers={"content-type": "image/png", "x-request-id": "abc-123"}
