@@ -19,12 +19,13 @@ from tests.tiny_data import CLASSES, make_images, write_folder
 from tests.tiny_models import make_checkpoints
 from training.attacks import fgsm_rs, project
 from training.checkpoint import load_checkpoint
-from training.data import Split, load_split
+from training.data import Batch, Split, batches, load_split
 from training.purifier import pass_through
 from training.train import classifier as tc
 from training.train import loop
+from training.train.distributed import DistInfo
 from training.train.robust_check import BestEpoch, RobustCheck
-from training.train.step import WeightAverage, autocast
+from training.train.step import WeightAverage, WeightPerturbation, autocast
 from training.transforms import RTSpec
 
 TINY_CLASSIFIER = "--depth 1 --width 4 --batch-size 16 --threads 1"
@@ -230,6 +231,62 @@ def test_ema_run_checks_and_saves_the_average(data, tmp_path, monkeypatch):
     assert all(torch.equal(final.state_dict("classifier")[k], v) for k, v in average.items())
     # The epoch check ran on the average, which is what the checkpoints call the classifier.
     assert all(torch.equal(checked[-1].state_dict()[k], v) for k, v in average.items())
+
+
+# --- adversarial weight perturbation (--awp) ------------------------------------------------
+
+
+def test_weight_perturbation_moves_each_layer_by_gamma_uphill_and_restores_exactly():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    awp = WeightPerturbation(net, 0.05)
+    loss = F.cross_entropy(net(x), y)
+    awp.perturb(loss)
+    for name in ("0.weight", "2.weight"):  # each weight tensor moved by gamma of its own norm
+        moved = (net.state_dict()[name] - before[name]).norm() / before[name].norm()
+        assert moved.item() == pytest.approx(0.05, rel=1e-4)
+    for name in ("0.bias", "2.bias"):  # biases stay
+        assert torch.equal(net.state_dict()[name], before[name])
+    assert F.cross_entropy(net(x), y) > loss  # uphill: the perturbed weights do worse
+    with pytest.raises(RuntimeError, match="restore"):
+        awp.perturb(F.cross_entropy(net(x), y))
+    awp.restore()
+    assert all(torch.allclose(net.state_dict()[k], v, atol=1e-7) for k, v in before.items())
+    with pytest.raises(ValueError, match="--awp"):
+        WeightPerturbation(net, 0.0)
+
+
+def test_awp_step_takes_the_gradient_at_the_perturbed_weights_and_updates_the_original(data, tmp_path):
+    cfg = tc.TrainClassifierConfig(
+        data=str(data), out=str(tmp_path), depth=1, width=4, adversarial="fgsm", precision="fp32", lr=0.0
+    )
+    train = load_split(data, "train")
+    batch = Batch(*next(iter(batches(train, 16))))
+    steps = {}
+    for awp in (0.0, 0.01):
+        torch.manual_seed(3)
+        model = tc.build_classifier(cfg.classifier(train))
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # --lr 0: the step leaves w where it was
+        step = tc.ClassifierStep(replace(cfg, awp=awp), DistInfo(), model, opt, None, None, None, None)
+        step(batch, 0, 10)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        now = model.state_dict()
+        assert all(torch.allclose(now[k], v, atol=1e-6) for k, v in start.items() if k in dict(model.named_parameters()))
+        steps[awp] = grads
+    # The same batch, draw and weights, but the gradient was taken somewhere else.
+    assert any(not torch.allclose(steps[0.0][n], steps[0.01][n]) for n in steps[0.0])
+    with pytest.raises(ValueError, match="--awp"):
+        tc.run(replace(cfg, awp=0.01, adversarial="none"))
+
+
+def test_awp_run_trains_resumes_and_records_gamma(data, tmp_path):
+    cmd = f"train classifier --data {data} --out {tmp_path} {TINY_CLASSIFIER} --epochs 2 --lr 0.05"
+    assert atop(f"{cmd} --adversarial fgsm --robust-check 16 --awp 0.005".split()) == 0
+    assert len(_epochs(tmp_path)) == 2
+    assert load_checkpoint(tmp_path / "final.safetensors").config["train"]["awp"] == 0.005
 
 
 # --- pass-through metric --------------------------------------------------------------------
