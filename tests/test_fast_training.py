@@ -274,7 +274,11 @@ def test_awp_step_takes_the_gradient_at_the_perturbed_weights_and_updates_the_or
         step(batch, 0, 10)
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         now = model.state_dict()
-        assert all(torch.allclose(now[k], v, atol=1e-6) for k, v in start.items() if k in dict(model.named_parameters()))
+        assert all(
+            torch.allclose(now[k], v, atol=1e-6)
+            for k, v in start.items()
+            if k in dict(model.named_parameters())
+        )
         steps[awp] = grads
     # The same batch, draw and weights, but the gradient was taken somewhere else.
     assert any(not torch.allclose(steps[0.0][n], steps[0.01][n]) for n in steps[0.0])

@@ -100,7 +100,7 @@ class WeightPerturbation:
         grads = torch.autograd.grad(loss, self.weights, allow_unused=True)
         applied = []
         with torch.no_grad():
-            for w, g in zip(self.weights, grads):
+            for w, g in zip(self.weights, grads, strict=True):
                 if g is None:
                     v = torch.zeros_like(w)
                 else:
@@ -115,6 +115,6 @@ class WeightPerturbation:
         if self._applied is None:
             return
         with torch.no_grad():
-            for w, v in zip(self.weights, self._applied):
+            for w, v in zip(self.weights, self._applied, strict=True):
                 w.sub_(v)
         self._applied = None
