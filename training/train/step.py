@@ -80,7 +80,8 @@ class WeightPerturbation:
     relative to each layer's own scale), the update's gradient is taken there, and the weights
     go back to w before the optimizer applies it. Biases and BatchNorm are not perturbed.
 
-    Cost: one more forward and backward pass per step (FGSM AT: 2 -> 3). The ascent pass runs the
+    Under bf16 autocast the cast cache is cleared after each move, so the passes that follow see
+    the moved weights. Cost: one more forward and backward pass per step (FGSM AT: 2 -> 3). The ascent pass runs the
     network in training mode like the update does, so BatchNorm's running statistics see the
     batch twice (the average is unchanged in expectation).
     """
@@ -108,6 +109,9 @@ class WeightPerturbation:
                     v = (self.gamma * w.detach().float().norm() / (g.norm() + 1e-12) * g).to(w.dtype)
                 w.add_(v)
                 applied.append(v)
+        # Autocast keeps the bf16 copy of each weight it has cast until its region ends: without
+        # this, the next forward would use the copies of w, not w + v.
+        torch.clear_autocast_cache()
         self._applied = applied
 
     def restore(self) -> None:
@@ -117,4 +121,5 @@ class WeightPerturbation:
         with torch.no_grad():
             for w, v in zip(self.weights, self._applied, strict=True):
                 w.sub_(v)
+        torch.clear_autocast_cache()
         self._applied = None
