@@ -24,6 +24,7 @@ COMMANDS = [
     ),
     ("store", "model_store.cli", "list, show, verify and publish model-store versions"),
     ("eval", "training.eval.command", "robustness evaluation of a store version or checkpoints"),
+    ("compare", "training.eval.compare", "paired differences of two evaluations on the same images"),
 ]
 # (command, module, help, what --resume means for it)
 _RESUME = "continue the run in --out from last.safetensors"

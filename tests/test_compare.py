@@ -1,0 +1,76 @@
+"""``atop compare``: paired differences of two evaluations' state files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from atop.cli import main as atop
+from training.eval.compare import CompareError, compare, robust_images
+from training.eval.stats import paired_difference
+
+N = 8
+SECTION = "main/pgd/linf/0.0313725/s50/e1/a0/c/after:"
+
+
+def _state(
+    clean: list[int], targets: list[int], survived: list[int], *, seed: int = 0, split: int = 2
+) -> dict:
+    """A state file as atop eval writes it: clean scores per image; the attack's targets and,
+    per finished batch, the vote of each target (1 = survived)."""
+    done = {
+        str(i): {"vote": [float(v) for v in survived[j : j + split]]}
+        for i, j in enumerate(range(0, len(survived), split))
+    }
+    return {
+        "identity": {"data": "d", "n": N, "seed": seed, "samples": 1},
+        "sections": {
+            "main/clean": {"scores": {"vote": [float(c) for c in clean]}},
+            SECTION: {"targets": targets, "done": done},
+        },
+    }
+
+
+def test_robust_images_places_each_survivor_at_its_image():
+    s = _state([1] * N, targets=[1, 3, 4, 6], survived=[1, 0, 1, 1])["sections"][SECTION]
+    assert robust_images(s, N).tolist() == [False, True, False, False, True, False, True, False]
+
+
+def test_compare_pairs_image_by_image():
+    a = _state([1, 1, 1, 1, 1, 1, 0, 0], targets=[0, 1, 2, 3, 4, 5], survived=[1, 1, 1, 0, 0, 1])
+    b = _state([1, 1, 1, 1, 0, 1, 1, 0], targets=[0, 1, 2, 3, 5, 6], survived=[1, 0, 1, 1, 0, 0])
+    rows = {r["section"]: r for r in compare(a, b)}
+    ra = torch.tensor([1, 1, 1, 0, 0, 1, 0, 0], dtype=torch.bool)
+    rb = torch.tensor([1, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    row = rows[SECTION]
+    assert row["a"] == pytest.approx(4 / 8) and row["b"] == pytest.approx(3 / 8)
+    expected = paired_difference(ra, rb)
+    assert row["difference"] == pytest.approx(1 / 8) and row["ci95"] == expected["ci95"]
+    assert rows["main/clean"]["difference"] == pytest.approx(0.0)
+    # Identical evaluations: zero difference, an interval around it.
+    same = {r["section"]: r for r in compare(a, a)}[SECTION]
+    assert same["difference"] == 0 and same["ci95"][0] <= 0 <= same["ci95"][1]
+
+
+def test_compare_refuses_other_images_and_skips_unfinished_sections():
+    a = _state([1] * N, targets=[0, 1, 2, 3], survived=[1, 1, 0, 0])
+    with pytest.raises(CompareError, match="seed"):
+        compare(a, _state([1] * N, targets=[0, 1, 2, 3], survived=[1, 1, 0, 0], seed=1))
+    unfinished = _state([1] * N, targets=[0, 1, 2, 3], survived=[1, 1])
+    assert [r["section"] for r in compare(a, unfinished)] == ["main/clean"]
+
+
+def test_compare_command(tmp_path, capsys):
+    a = tmp_path / "a.state.json"
+    b = tmp_path / "b.state.json"
+    a.write_text(json.dumps(_state([1] * N, targets=list(range(N)), survived=[1] * 6 + [0] * 2)))
+    b.write_text(json.dumps(_state([1] * N, targets=list(range(N)), survived=[1] * 4 + [0] * 4)))
+    assert atop(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "75.0% | 50.0% | +25.0" in out
+    junk = tmp_path / "junk.json"
+    junk.write_text("not json")
+    assert atop(["compare", str(a), str(junk)]) == 2
+    assert "not a readable eval state file" in capsys.readouterr().err

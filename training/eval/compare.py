@@ -1,0 +1,120 @@
+"""``atop compare A B``: paired differences between two evaluations of the same images.
+
+Two models attacked on the same seeded subset are compared image by image, not by their two
+headline figures: the interval of a paired difference (Newcombe's method 10) is much narrower
+than that of two independent proportions when the models agree on most images, as two networks
+from one training lineage do. The inputs are the state files ``atop eval`` keeps beside its
+report (``<out>.state.json``): they hold, per attack section, which images were attacked and
+which survived, by the headline (vote) rule. An image counts as robust in a section when it was
+attacked there and survived, so in a cascade the last section's figure is "robust to every
+attack so far", as in the report's worst case.
+
+Refuses, with one line, files that were not computed on the same images (data, n, seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from training.eval.stats import paired_difference
+
+SAME_IMAGES = ("data", "n", "seed")
+
+
+class CompareError(ValueError):
+    """Two state files that cannot be paired."""
+
+
+def load_state(path: str | Path) -> dict:
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CompareError(f"{path}: not a readable eval state file ({e})") from None
+    if not isinstance(state, dict) or "identity" not in state or "sections" not in state:
+        raise CompareError(f"{path}: not an eval state file (no identity/sections)")
+    return state
+
+
+def robust_images(section: dict, n: int) -> torch.Tensor:
+    """Bool [n]: the images attacked in ``section`` that its attack did not break (vote); for
+    the clean section, the images answered correctly."""
+    if "scores" in section:  # the clean pass: one score per image of the subset
+        vote = section["scores"]["vote"]
+        if len(vote) != n:
+            raise CompareError("the clean section does not cover the subset")
+        return torch.tensor(vote) > 0.5
+    done = section.get("done", {})
+    votes = [v for batch in sorted(done, key=int) for v in done[batch]["vote"]]
+    targets = section["targets"]
+    if len(votes) != len(targets):
+        raise CompareError("a section is unfinished: its attack has not run on every target image")
+    out = torch.zeros(n, dtype=torch.bool)
+    if targets:
+        out[torch.tensor(targets)] = torch.tensor(votes) > 0.5
+    return out
+
+
+def compare(a: dict, b: dict) -> list[dict]:
+    """One row per attack section both files finished: accuracy of each and a − b, paired."""
+    ia, ib = a["identity"], b["identity"]
+    differ = [k for k in SAME_IMAGES if ia.get(k) != ib.get(k)]
+    if differ:
+        detail = ", ".join(f"{k} {ia.get(k)!r} vs {ib.get(k)!r}" for k in differ)
+        raise CompareError(f"not the same images ({detail}): a paired difference needs the same subset")
+    n = int(ia["n"])
+    rows = []
+    for name, sa in a["sections"].items():
+        sb = b["sections"].get(name)
+        if sb is None or not all(("targets" in s or "scores" in s) for s in (sa, sb)):
+            continue
+        try:
+            ra, rb = robust_images(sa, n), robust_images(sb, n)
+        except CompareError:
+            continue
+        d = paired_difference(ra, rb)
+        rows.append(
+            {
+                "section": name,
+                "a": ra.float().mean().item(),
+                "b": rb.float().mean().item(),
+                "difference": d["difference"],
+                "ci95": d["ci95"],
+                "n_images": n,
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict], names: tuple[str, str]) -> str:
+    head = f"| attack section | {names[0]} | {names[1]} | difference [95% CI, paired] |\n|---|---|---|---|"
+    lines = [
+        f"| `{r['section']}` | {100 * r['a']:.1f}% | {100 * r['b']:.1f}% |"
+        f" {100 * r['difference']:+.1f} [{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}] |"
+        for r in rows
+    ]
+    return "\n".join([head, *lines])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", help="the first evaluation's state file (<out>.state.json of atop eval)")
+    p.add_argument("b", help="the second one, on the same images (same --data, --n and --seed)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        rows = compare(load_state(args.a), load_state(args.b))
+    except CompareError as e:
+        sys.stderr.write(f"atop compare: {e}\n")
+        return 2
+    if not rows:
+        sys.stderr.write("atop compare: the two files share no finished attack section\n")
+        return 2
+    names = (Path(args.a).name, Path(args.b).name)
+    sys.stdout.write((json.dumps(rows, indent=1) if args.json else table(rows, names)) + "\n")
+    return 0
