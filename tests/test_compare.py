@@ -54,12 +54,30 @@ def test_compare_pairs_image_by_image():
     assert same["difference"] == 0 and same["ci95"][0] <= 0 <= same["ci95"][1]
 
 
+def test_compare_keeps_the_headline_sections_and_resolves_data_paths(tmp_path, monkeypatch):
+    a = _state([1] * N, targets=[0, 1, 2, 3], survived=[1, 1, 0, 0])
+    a["sections"]["sweep/pgd/linf/0.0156863/s50/e1/a0/i/after:"] = a["sections"][SECTION]
+    monkeypatch.chdir(tmp_path)
+    b = json.loads(json.dumps(a))
+    a["identity"]["data"], b["identity"]["data"] = "d", str(tmp_path / "d")
+    assert sorted(r["section"] for r in compare(a, b)) == ["main/clean", SECTION]
+
+
 def test_compare_refuses_other_images_and_skips_unfinished_sections():
     a = _state([1] * N, targets=[0, 1, 2, 3], survived=[1, 1, 0, 0])
     with pytest.raises(CompareError, match="seed"):
         compare(a, _state([1] * N, targets=[0, 1, 2, 3], survived=[1, 1, 0, 0], seed=1))
     unfinished = _state([1] * N, targets=[0, 1, 2, 3], survived=[1, 1])
     assert [r["section"] for r in compare(a, unfinished)] == ["main/clean"]
+
+
+def test_compare_pairs_two_named_sections():
+    a = _state([1] * N, targets=[0, 1, 2, 3], survived=[1, 1, 1, 0])
+    b = _state([1] * N, targets=[0, 1, 2, 3], survived=[1, 0, 0, 0])
+    b["sections"]["main/other"] = b["sections"].pop(SECTION)
+    assert [r["section"] for r in compare(a, b)] == ["main/clean"]
+    (row,) = compare(a, b, [(SECTION, "main/other")])
+    assert row["section"] == f"{SECTION} vs main/other" and row["difference"] == pytest.approx(2 / 8)
 
 
 def test_compare_command(tmp_path, capsys):

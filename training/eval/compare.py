@@ -9,7 +9,10 @@ which survived, by the headline (vote) rule. An image counts as robust in a sect
 attacked there and survived, so in a cascade the last section's figure is "robust to every
 attack so far", as in the report's worst case.
 
-Refuses, with one line, files that were not computed on the same images (data, n, seed).
+Only the headline sections (``main/...``: clean and every attack on the whole subset) are
+compared; the ε sweep and the convergence check run on smaller subsets. Refuses, with one line,
+files that were not computed on the same images (data, n, seed; data paths are compared
+resolved from the current directory, so ``../shared/data`` and its absolute path match).
 """
 
 from __future__ import annotations
@@ -59,18 +62,28 @@ def robust_images(section: dict, n: int) -> torch.Tensor:
     return out
 
 
-def compare(a: dict, b: dict) -> list[dict]:
-    """One row per attack section both files finished: accuracy of each and a − b, paired."""
+def _same_key(value, key: str):
+    """``value`` as compared for identity field ``key``: data paths resolved."""
+    if key == "data" and isinstance(value, str):
+        return str(Path(value).resolve())
+    return value
+
+
+def compare(a: dict, b: dict, pairs: list[tuple[str, str]] | None = None) -> list[dict]:
+    """One row per attack section both files finished: accuracy of each and a − b, paired.
+    ``pairs``: (section of a, section of b) to compare instead, e.g. two different attacks."""
     ia, ib = a["identity"], b["identity"]
-    differ = [k for k in SAME_IMAGES if ia.get(k) != ib.get(k)]
+    differ = [k for k in SAME_IMAGES if _same_key(ia.get(k), k) != _same_key(ib.get(k), k)]
     if differ:
         detail = ", ".join(f"{k} {ia.get(k)!r} vs {ib.get(k)!r}" for k in differ)
         raise CompareError(f"not the same images ({detail}): a paired difference needs the same subset")
     n = int(ia["n"])
     rows = []
-    for name, sa in a["sections"].items():
-        sb = b["sections"].get(name)
-        if sb is None or not all(("targets" in s or "scores" in s) for s in (sa, sb)):
+    if pairs is None:
+        pairs = [(name, name) for name in a["sections"] if name.startswith("main/")]
+    for name, other in pairs:
+        sa, sb = a["sections"].get(name), b["sections"].get(other)
+        if sa is None or sb is None or not all(("targets" in s or "scores" in s) for s in (sa, sb)):
             continue
         try:
             ra, rb = robust_images(sa, n), robust_images(sb, n)
@@ -79,7 +92,7 @@ def compare(a: dict, b: dict) -> list[dict]:
         d = paired_difference(ra, rb)
         rows.append(
             {
-                "section": name,
+                "section": name if name == other else f"{name} vs {other}",
                 "a": ra.float().mean().item(),
                 "b": rb.float().mean().item(),
                 "difference": d["difference"],
@@ -103,12 +116,21 @@ def table(rows: list[dict], names: tuple[str, str]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", help="the first evaluation's state file (<out>.state.json of atop eval)")
     p.add_argument("b", help="the second one, on the same images (same --data, --n and --seed)")
+    p.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        metavar=("SECTION_A", "SECTION_B"),
+        help="compare this section of A with that one of B (e.g. two different attacks on the same"
+        " images; repeatable) instead of the sections the two share by name",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        rows = compare(load_state(args.a), load_state(args.b))
+        pairs = [tuple(p) for p in args.pair] if args.pair else None
+        rows = compare(load_state(args.a), load_state(args.b), pairs)
     except CompareError as e:
         sys.stderr.write(f"atop compare: {e}\n")
         return 2
