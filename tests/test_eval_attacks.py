@@ -125,6 +125,8 @@ def test_whitebox_vs_blackbox_flags_a_gradient_masked_defense():
     check = sanity.whitebox_vs_blackbox(masked, len(y))[0]
     assert check.status == sanity.FAIL and "masked" in check.detail
     assert check.values["square_extra_breaks"] > len(y) // 2
+    survivors = round(check.values["whitebox_accuracy"] * len(y))
+    assert f"broke {check.values['square_extra_breaks']} of the {survivors} images" in check.detail
     honest = _run(lin, specs, x, y)
     assert sanity.whitebox_vs_blackbox(honest, len(y))[0].status == sanity.PASS
     # The same finding with every attack alone (no cascade).

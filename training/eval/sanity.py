@@ -144,8 +144,9 @@ def whitebox_vs_blackbox(outcomes, n: int, tol: float | None = None) -> list[Che
         }
         bad = extra / n > tol
         detail = (
-            f"Square broke {extra} of {n} images ({extra / n:.1%}) that {', '.join(values['whitebox'])} "
-            f"left robust (tolerance {tol:.1%})" + (": gradients look masked" if bad else "")
+            f"Square broke {extra} of the {int(robust.sum())} images that {', '.join(values['whitebox'])}"
+            f" left robust ({extra / n:.1%} of the {n}-image subset; tolerance {tol:.1%})"
+            + (": gradients look masked" if bad else "")
         )
         checks.append(Check(name, FAIL if bad else PASS, detail, values))
     return checks
