@@ -259,7 +259,9 @@ def test_weight_perturbation_moves_each_layer_by_gamma_uphill_and_restores_exact
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_awp_step_takes_the_gradient_at_the_perturbed_weights_and_updates_the_original(data, tmp_path, precision):
+def test_awp_step_takes_the_gradient_at_the_perturbed_weights_and_updates_the_original(
+    data, tmp_path, precision
+):
     cfg = tc.TrainClassifierConfig(
         data=str(data), out=str(tmp_path), depth=1, width=4, adversarial="fgsm", precision=precision, lr=0.0
     )
