@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from atop.cli import main as atop
+from training.eval.cascade import Scores
 from training.eval.compare import CompareError, compare, robust_images
 from training.eval.stats import paired_difference
 
@@ -15,19 +16,21 @@ N = 8
 SECTION = "main/pgd/linf/0.0313725/s50/e1/a0/c/after:"
 
 
+def _rules(values: list[int]) -> dict:
+    """Scores.to_json's shape: the three rules agree (a deterministic model)."""
+    return Scores(*(torch.tensor(values, dtype=torch.float32) for _ in range(3))).to_json()
+
+
 def _state(
     clean: list[int], targets: list[int], survived: list[int], *, seed: int = 0, split: int = 2
 ) -> dict:
     """A state file as atop eval writes it: clean scores per image; the attack's targets and,
     per finished batch, the vote of each target (1 = survived)."""
-    done = {
-        str(i): {"vote": [float(v) for v in survived[j : j + split]]}
-        for i, j in enumerate(range(0, len(survived), split))
-    }
+    done = {str(i): _rules(survived[j : j + split]) for i, j in enumerate(range(0, len(survived), split))}
     return {
         "identity": {"data": "d", "n": N, "seed": seed, "samples": 1},
         "sections": {
-            "main/clean": {"scores": {"vote": [float(c) for c in clean]}},
+            "main/clean": {"scores": _rules(clean)},
             SECTION: {"targets": targets, "done": done},
         },
     }

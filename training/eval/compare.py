@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from training.eval.cascade import Scores
 from training.eval.stats import paired_difference
 
 SAME_IMAGES = ("data", "n", "seed")
@@ -45,20 +46,21 @@ def load_state(path: str | Path) -> dict:
 
 def robust_images(section: dict, n: int) -> torch.Tensor:
     """Bool [n]: the images attacked in ``section`` that its attack did not break (vote); for
-    the clean section, the images answered correctly."""
+    the clean section, the images answered correctly. Read with the evaluator's own record
+    format (``Scores``), batch by batch as ``run_attacks`` stored them."""
     if "scores" in section:  # the clean pass: one score per image of the subset
-        vote = section["scores"]["vote"]
+        vote = Scores.from_json(section["scores"]).vote
         if len(vote) != n:
             raise CompareError("the clean section does not cover the subset")
-        return torch.tensor(vote) > 0.5
-    done = section.get("done", {})
-    votes = [v for batch in sorted(done, key=int) for v in done[batch]["vote"]]
-    targets = section["targets"]
+        return vote > 0.5
+    if "targets" not in section:
+        raise CompareError("not an attack section")
+    done, targets = section.get("done", {}), section["targets"]
+    votes = Scores.cat([Scores.from_json(done[b]) for b in sorted(done, key=int)]).vote
     if len(votes) != len(targets):
         raise CompareError("a section is unfinished: its attack has not run on every target image")
     out = torch.zeros(n, dtype=torch.bool)
-    if targets:
-        out[torch.tensor(targets)] = torch.tensor(votes) > 0.5
+    out[torch.tensor(targets, dtype=torch.long)] = votes > 0.5
     return out
 
 
@@ -83,7 +85,7 @@ def compare(a: dict, b: dict, pairs: list[tuple[str, str]] | None = None) -> lis
         pairs = [(name, name) for name in a["sections"] if name.startswith("main/")]
     for name, other in pairs:
         sa, sb = a["sections"].get(name), b["sections"].get(other)
-        if sa is None or sb is None or not all(("targets" in s or "scores" in s) for s in (sa, sb)):
+        if sa is None or sb is None:
             continue
         try:
             ra, rb = robust_images(sa, n), robust_images(sb, n)

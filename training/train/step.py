@@ -81,9 +81,11 @@ class WeightPerturbation:
     go back to w before the optimizer applies it. Biases and BatchNorm are not perturbed.
 
     Under bf16 autocast the cast cache is cleared after each move, so the passes that follow see
-    the moved weights. Cost: one more forward and backward pass per step (FGSM AT: 2 -> 3). The ascent pass runs the
-    network in training mode like the update does, so BatchNorm's running statistics see the
-    batch twice (the average is unchanged in expectation).
+    the moved weights. Cost: one more forward and backward pass per step (FGSM AT: 2 -> 3). The
+    ascent pass runs the network in training mode like the update does, so BatchNorm's running
+    statistics see the batch twice (the average is unchanged in expectation). Under DDP each
+    process takes its direction from its own shard of the batch (the ascent pass is not
+    all-reduced); the update's gradient is.
     """
 
     def __init__(self, model: nn.Module, gamma: float):
@@ -98,15 +100,12 @@ class WeightPerturbation:
         loss of the adversarial batch, computed by the caller with the unperturbed network)."""
         if self._applied is not None:
             raise RuntimeError("the weights are already perturbed: call restore() first")
-        grads = torch.autograd.grad(loss, self.weights, allow_unused=True)
+        grads = torch.autograd.grad(loss, self.weights)
         applied = []
         with torch.no_grad():
             for w, g in zip(self.weights, grads, strict=True):
-                if g is None:
-                    v = torch.zeros_like(w)
-                else:
-                    g = g.float()
-                    v = (self.gamma * w.detach().float().norm() / (g.norm() + 1e-12) * g).to(w.dtype)
+                g = g.float()
+                v = (self.gamma * w.float().norm() / (g.norm() + 1e-12) * g).to(w.dtype)
                 w.add_(v)
                 applied.append(v)
         # Autocast keeps the bf16 copy of each weight it has cast until its region ends: without
