@@ -1,10 +1,19 @@
 """``atop train ensemble``: combine trained classifier checkpoints into one classifier.
 
-No training happens: the members' weights are copied into one checkpoint whose model config is
-``arch="ensemble"`` (optionally with ``flip_tta``), so every later step — the purifier
-fine-tune, export, evaluation, the service — treats it as the classifier f. The output is the
-log of the mean of the members' softmax probabilities. With ``--data`` the combined model's
-top-1 is measured on the test split and stored with the checkpoint.
+No training happens. Two ways to combine:
+
+* an ensemble (default): the members' weights are copied into one checkpoint whose model config
+  is ``arch="ensemble"`` (optionally with ``flip_tta``); its output is the log of the mean of
+  the members' softmax probabilities, and it costs one forward pass per member;
+* ``--soup``: one network whose every float tensor (weights and BatchNorm statistics) is the
+  mean of the members' (a uniform "model soup", Wortsman et al. 2022). It costs one forward
+  pass, whatever the number of members, and it only makes sense for members of one
+  architecture fine-tuned from one parent (e.g. two warm restarts of the same network), whose
+  weights lie in one basin; members of another architecture or shape are refused.
+
+Either way every later step — the purifier fine-tune, export, evaluation, the service — treats
+the result as the classifier f. With ``--data`` its top-1 is measured on the test split and
+stored with the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +33,9 @@ from training.metrics import accuracy
 log = logging.getLogger("atop.train.ensemble")
 
 
-def combine(members: list[str], *, flip_tta: bool = False) -> tuple[torch.nn.Module, dict]:
+def combine(
+    members: list[str], *, flip_tta: bool = False, soup: bool = False
+) -> tuple[torch.nn.Module, dict]:
     """The combined classifier (eval mode) and its provenance, from member checkpoint paths."""
     if not members:
         raise ValueError("an ensemble needs at least one --member checkpoint")
@@ -54,6 +65,14 @@ def combine(members: list[str], *, flip_tta: bool = False) -> tuple[torch.nn.Mod
                 f"{path}: its classes ({', '.join(names)}) or input size {size} differ from"
                 f" {named[0][2]}'s ({', '.join(named[0][0])}, {named[0][1]} px); members must agree"
             )
+    if soup:
+        if flip_tta:
+            raise ValueError("--soup averages weights into one network; it does not take --flip-tta")
+        return _soup(cfgs, states, members), {
+            "members": sources,
+            "soup": True,
+            "seed": sources[0]["train"].get("seed"),
+        }
     cfg = ClassifierConfig(
         arch="ensemble",
         flip_tta=flip_tta,
@@ -69,10 +88,28 @@ def combine(members: list[str], *, flip_tta: bool = False) -> tuple[torch.nn.Mod
     return model.eval(), {"members": sources, "flip_tta": flip_tta, "seed": sources[0]["train"].get("seed")}
 
 
+def _soup(cfgs: list[ClassifierConfig], states: list[dict], paths: list[str]) -> torch.nn.Module:
+    """One network of the members' architecture with the mean of their float tensors; integer
+    buffers (BatchNorm's step counters) are the first member's."""
+    first = cfgs[0].to_dict()
+    for cfg, state, path in zip(cfgs[1:], states[1:], paths[1:], strict=True):
+        if cfg.to_dict() != first:
+            raise ValueError(f"{path}: another architecture than {paths[0]}'s; a soup needs one architecture")
+        if state.keys() != states[0].keys() or any(state[k].shape != v.shape for k, v in states[0].items()):
+            raise ValueError(f"{path}: its tensors do not match {paths[0]}'s; a soup needs one architecture")
+    mean = {
+        k: torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
+        for k, v in states[0].items()
+    }
+    model = build_classifier(cfgs[0])
+    model.load_state_dict(mean)
+    return model.eval()
+
+
 def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, provenance = combine(args.member, flip_tta=args.flip_tta)
+    model, provenance = combine(args.member, flip_tta=args.flip_tta, soup=args.soup)
     metrics = {}
     if args.data:
         test = load_split(
@@ -80,7 +117,8 @@ def main(args: argparse.Namespace) -> int:
         )
         metrics["test_acc"] = accuracy(model, test)["acc"]
         log.info(
-            "ensemble of %d, flip_tta=%s: test top-1 %.4f",
+            "%s of %d, flip_tta=%s: test top-1 %.4f",
+            "soup" if args.soup else "ensemble",
             len(args.member),
             args.flip_tta,
             metrics["test_acc"],
@@ -105,6 +143,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder: final.safetensors is written there")
     p.add_argument(
         "--flip-tta", action="store_true", help="also average over the mirrored image, inside the model"
+    )
+    p.add_argument(
+        "--soup",
+        action="store_true",
+        help="average the members' weights into one network instead (one forward pass; members must"
+        " share one architecture, e.g. warm restarts of one network)",
     )
     p.add_argument(
         "--data", default="", help="measure the combined model's top-1 on this data set's test split"

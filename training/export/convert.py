@@ -35,7 +35,7 @@ from torch import nn
 from atop import contract
 from training.checkpoint import quiet_jit
 from training.export.manifest import ONNX_FILE, TORCHSCRIPT_FILE
-from training.purifier import DefendedPipeline, purify
+from training.purifier import DefendedPipeline, NoPurifier, purify
 from training.transforms import RTSpec, apply_rt, combine_copies
 
 log = logging.getLogger("atop.export")
@@ -48,12 +48,29 @@ class OnnxPipeline(nn.Module):
     def __init__(self, pipeline: DefendedPipeline):
         super().__init__()
         self.pipeline = pipeline
+        # A classifier that defends on its own (``--purifier none``: no purifier, the identity
+        # RT): g(t(x)) is x for every draw the RT spec can produce (no noise, no block missing),
+        # so f(g(t(x))) and f(x) are one computation. The graph then runs f once and answers
+        # ``raw_logits`` with the same tensor, instead of paying for f twice on every request.
+        self.identity = is_identity_defense(pipeline)
 
     def forward(self, image, noise, masks) -> tuple[torch.Tensor, ...]:
         p = self.pipeline
         purified = purify(p.purifier, image, noise, masks, p.noise_std)
         transformed = apply_rt(image, noise, masks, p.noise_std)[:, :, :3]
-        return p.classifier(purified), p.classifier(image), transformed, purified
+        logits = p.classifier(purified)
+        return logits, logits if self.identity else p.classifier(image), transformed, purified
+
+
+def is_identity_defense(pipeline: DefendedPipeline) -> bool:
+    """No purifier and an RT that changes nothing: the pipeline is f(x) for every draw."""
+    spec = pipeline.spec
+    return (
+        isinstance(pipeline.purifier, NoPurifier)
+        and spec.kind == "rt1"
+        and spec.missing == 0.0
+        and pipeline.noise_std == 0.0
+    )
 
 
 class ScriptedPipeline(nn.Module):
