@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -229,6 +230,12 @@ def test_classifier_alone_exports_serves_and_loads_back(exported, tmp_path):
         ref = f(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(logits, ref, atol=1e-4)
     np.testing.assert_allclose(raw, ref, atol=1e-4)
+    # f(g(t(x))) is f(x) for every draw, so the graph runs f once and answers raw_logits with the
+    # same tensor: as many Conv nodes as f has convolutions, not twice as many.
+    assert np.array_equal(raw, logits)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in f.modules())
+    graph = onnx.load(str(mv.path / "model.onnx")).graph
+    assert sum(n.op_type == "Conv" for n in graph.node) == convs
     rebuilt = load_classifier(mv.path)
     with torch.no_grad():
         assert torch.equal(rebuilt(torch.from_numpy(x)), torch.from_numpy(ref))

@@ -16,7 +16,7 @@ import torch
 
 from atop.cli import main as atop
 from tests.tiny_data import write_folder
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.classifier import load_classifier
 from training.data import load_split
 
@@ -102,6 +102,45 @@ def test_ensemble_averages_its_members_over_the_mirror(
     assert ck.header["metrics"]["test_acc"] == pytest.approx(float(right))
     assert atop_run(f"train ensemble --member {purifier_ckpt} --out {tmp_path}/bad") == 2
     assert "not a classifier checkpoint" in caplog.text
+
+
+def test_soup_is_one_network_with_the_mean_of_its_members_weights(
+    data, tmp_path, classifier_ckpt, fast_ckpt, caplog
+):
+    # A second member of the same architecture: the first's weights, every float tensor moved.
+    ck = load_checkpoint(classifier_ckpt)
+    other = load_classifier(classifier_ckpt)
+    with torch.no_grad():
+        for t in other.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.randn_like(t).abs() * 0.1)  # positive, so BN variances stay positive
+    moved = save_checkpoint(
+        tmp_path / "moved.safetensors", models={"classifier": other}, config=ck.config, step=1, epoch=1
+    )
+    members = f"--member {classifier_ckpt} --member {moved}"
+    assert atop_run(f"train ensemble --soup {members} --data {data} --out {tmp_path}/soup") == 0
+    soup_ck = load_checkpoint(tmp_path / "soup" / "final.safetensors")
+    assert soup_ck.config["model"] == ck.config["model"]  # one network, not an ensemble
+    assert soup_ck.config["train"]["soup"] is True and len(soup_ck.config["train"]["members"]) == 2
+    a, b = load_classifier(classifier_ckpt).state_dict(), other.state_dict()
+    for name, t in load_classifier(soup_ck.path).state_dict().items():
+        if t.is_floating_point():
+            assert torch.allclose(t, (a[name] + b[name]) / 2, atol=1e-6), name
+    # Its answers are those of a network holding the averaged weights, and its recorded
+    # accuracy is measured on them.
+    soup = load_classifier(soup_ck.path)
+    test = load_split(data, "test")
+    with torch.no_grad():
+        right = (soup(test.images.float() / 255).argmax(1) == test.labels).float().mean()
+    assert soup_ck.header["metrics"]["test_acc"] == pytest.approx(float(right))
+    # Members of two architectures have no mean; a soup is one network, so no mirror averaging.
+    assert (
+        atop_run(f"train ensemble --soup --member {classifier_ckpt} --member {fast_ckpt} --out {tmp_path}/x")
+        == 2
+    )
+    assert "a soup needs one architecture" in caplog.text
+    assert atop_run(f"train ensemble --soup --flip-tta {members} --out {tmp_path}/y") == 2
+    assert "does not take --flip-tta" in caplog.text
 
 
 def test_pgd_adversarial_training_trains_on_attacked_images(data, tmp_path):
