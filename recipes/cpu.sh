@@ -71,6 +71,11 @@ stage at-fast64-wr15 atop train classifier --data "$DATA" --arch fast --width 64
 stage at-fast64-awp15 atop train classifier --data "$DATA" --arch fast --width 64 --depth 2 --epochs 15 \
   --batch-size 256 --lr 0.05 --warmup 0.2 --adversarial fgsm --ema 0.999 --seed 1 --awp 0.005 \
   --init "$RUNS/at-fast64-e30/final.safetensors"
+# A uniform soup of the two restarts (v12's and v13's final averages, both from v10's weights):
+# one network whose every weight and BatchNorm statistic is the mean of theirs, so it costs one
+# forward pass; seconds, no training (atop train ensemble --soup).
+stage soup-v12-v13 atop train ensemble --soup --data "$DATA" \
+  --member "$RUNS/at-fast64-wr15/final.safetensors" --member "$RUNS/at-fast64-awp15/final.safetensors"
 # A candidate, not shipped: more capacity (width 96, 7.2M parameters), ~4.5 min per epoch alone on
 # 2 cores. Ended at 76.6% clean and 41.8% PGD-50 (v12: 79.2% / 41.4% on the same 512 images):
 # under the 78% floor and no more robust (docs/training.md).

@@ -133,6 +133,13 @@ def test_soup_is_one_network_with_the_mean_of_its_members_weights(
     with torch.no_grad():
         right = (soup(test.images.float() / 255).argmax(1) == test.labels).float().mean()
     assert soup_ck.header["metrics"]["test_acc"] == pytest.approx(float(right))
+    # A member may be a published store version (its f): the same soup, from the store alone.
+    store = tmp_path / "store"
+    assert atop_run(f"export --classifier {classifier_ckpt} --purifier none --store {store} --name f") == 0
+    published = store / "f" / "1"
+    assert atop_run(f"train ensemble --soup --member {published} --member {moved} --out {tmp_path}/s2") == 0
+    again = load_classifier(tmp_path / "s2" / "final.safetensors").state_dict()
+    assert all(torch.equal(again[k], v) for k, v in soup.state_dict().items() if v.is_floating_point())
     # Members of two architectures have no mean; a soup is one network, so no mirror averaging.
     assert (
         atop_run(f"train ensemble --soup --member {classifier_ckpt} --member {fast_ckpt} --out {tmp_path}/x")

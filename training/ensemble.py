@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from model_store import sha256_file
+from model_store import sha256_file, verify
 from training.checkpoint import load_checkpoint, run_config, save_checkpoint
-from training.classifier import ClassifierConfig, build_classifier, classifier_config
+from training.classifier import ClassifierConfig, build_classifier, classifier_config, load_classifier
 from training.data import load_split
 from training.metrics import accuracy
 
@@ -41,21 +41,12 @@ def combine(
         raise ValueError("an ensemble needs at least one --member checkpoint")
     cfgs, states, sources = [], [], []
     for path in members:
-        ck = load_checkpoint(path)
-        member = classifier_config(ck)
+        member, state, source = _member(path)
         if member.arch == "ensemble" or member.flip_tta:
             raise ValueError(f"{path}: members must be plain networks (no nested ensemble or flip_tta)")
         cfgs.append(member)
-        states.append(ck.state_dict("classifier"))
-        sources.append(
-            {
-                "path": str(path),
-                "sha256": sha256_file(Path(path)),
-                "step": ck.header.get("step"),
-                "test_acc": (ck.header.get("metrics") or {}).get("test_acc"),
-                "train": ck.config.get("train", {}),
-            }
-        )
+        states.append(state)
+        sources.append(source)
     # The config refuses members that disagree on the number of classes; names and input size
     # are checked here, where the members' paths are known.
     named = [(c.classes, c.image_size, p) for c, p in zip(cfgs, members, strict=True) if c.classes]
@@ -86,6 +77,28 @@ def combine(
     for net, state in zip(ens.members, states, strict=True):
         net.load_state_dict(state)
     return model.eval(), {"members": sources, "flip_tta": flip_tta, "seed": sources[0]["train"].get("seed")}
+
+
+def _member(path: str) -> tuple[ClassifierConfig, dict, dict]:
+    """A member's config, weights and provenance, from a training checkpoint or from a published
+    model-store version folder (its f, rebuilt from the manifest and the TorchScript file), so a
+    combination can be rebuilt from published versions alone."""
+    if Path(path).is_dir():
+        manifest = verify(Path(path))
+        model = load_classifier(path)
+        recipe = (manifest.get("provenance", {}).get("recipe") or {}).get("classifier") or {}
+        train = (recipe.get("config") or {}).get("train", {})
+        source = {"path": str(path), "manifest_sha256": manifest.get("manifest_sha256"), "train": train}
+        return model.cfg, model.state_dict(), source
+    ck = load_checkpoint(path)
+    source = {
+        "path": str(path),
+        "sha256": sha256_file(Path(path)),
+        "step": ck.header.get("step"),
+        "test_acc": (ck.header.get("metrics") or {}).get("test_acc"),
+        "train": ck.config.get("train", {}),
+    }
+    return classifier_config(ck), ck.state_dict("classifier"), source
 
 
 def _soup(cfgs: list[ClassifierConfig], states: list[dict], paths: list[str]) -> torch.nn.Module:
@@ -138,7 +151,11 @@ def main(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--member", action="append", required=True, help="a classifier checkpoint (repeat for each member)"
+        "--member",
+        action="append",
+        required=True,
+        help="a classifier checkpoint, or a published model-store version folder whose f to take"
+        " (repeat for each member)",
     )
     p.add_argument("--out", required=True, help="run folder: final.safetensors is written there")
     p.add_argument(
