@@ -82,6 +82,9 @@ def main() -> None:
             {
                 "version": name,
                 "folder": m["folder"],
+                # which graph was timed, whatever the folder is called (a scratch store's v2 and
+                # the package's v14 can be the very same file)
+                "onnx_sha256": m["manifest"].get("files", {}).get("model.onnx", {}).get("sha256"),
                 "ms_per_image_per_draw": round(med, 4),
                 "min_ms": round(min(m["ms"]), 4),
                 "max_ms": round(max(m["ms"]), 4),

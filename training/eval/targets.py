@@ -122,6 +122,17 @@ def _frozen(m: nn.Module) -> nn.Module:
     return m.eval()
 
 
+def adversarially_trained(train: dict) -> bool:
+    """Whether a classifier's recorded training config (a checkpoint's ``train`` block, or the
+    manifest's ``provenance.recipe.classifier.config.train``) is adversarial training. A
+    combination (``atop train ensemble``, a soup) records its members' configs under
+    ``members``: it counts as adversarially trained when every member was."""
+    members = train.get("members")
+    if members:
+        return all(adversarially_trained(m.get("train") or {}) for m in members)
+    return train.get("adversarial") in ("fgsm", "pgd")
+
+
 def _role_from_purifier(stage: str | None) -> str:
     return {"finetune": "atop", "pretrain": "ap"}.get(stage or "", "pipeline")
 
@@ -145,7 +156,7 @@ def from_checkpoints(
     clf_ck = load_checkpoint(classifier)
     f = _frozen(load_classifier(clf_ck))
     known = {"classes": tuple(f.cfg.classes), "image_size": f.cfg.image_size}
-    at = clf_ck.config.get("train", {}).get("adversarial", "none") != "none"
+    at = adversarially_trained(clf_ck.config.get("train", {}))
     source = {
         "classifier": str(Path(classifier).resolve()),
         "classifier_sha256": sha256_file(Path(classifier)),
@@ -188,7 +199,7 @@ def from_store(root: str, name: str, version: int | None, defense: str = "auto")
     spec = RTSpec.from_dict({k: v for k, v in manifest["rt"].items() if k != "sampler"})
     recipe = manifest["provenance"].get("recipe", {})
     train = recipe.get("classifier", {}).get("config", {}).get("train", {})
-    at = train.get("adversarial", "none") not in ("none", None)
+    at = adversarially_trained(train)
     front = recipe.get("purifier") is not None  # None: exported with --purifier none (f alone)
     stage = (recipe.get("purifier") or {}).get("config", {}).get("stage")
     source = {
