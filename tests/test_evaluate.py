@@ -176,44 +176,19 @@ def test_baselines_from_the_same_checkpoints(trained, tmp_path):
     )
     at = build_target(EvalConfig(data=str(data), classifier=str(at_path)))
     assert at.role == "at" and at.adversarially_trained and not at.randomized
+
     # A soup (or ensemble) records its members' training configs: adversarially trained when
     # every member was, so it gets the AT row's checks, not the undefended f's (PGD <= 5%).
-    assert (
-        atop(
-            [
-                "train",
-                "ensemble",
-                "--soup",
-                "--member",
-                str(at_path),
-                "--member",
-                str(at_path),
-                "--out",
-                str(tmp_path / "soup"),
-            ]
-        )
-        == 0
-    )
-    soup = build_target(EvalConfig(data=str(data), classifier=str(tmp_path / "soup" / "final.safetensors")))
-    assert soup.role == "at" and soup.adversarially_trained
-    assert (
-        atop(
-            [
-                "train",
-                "ensemble",
-                "--soup",
-                "--member",
-                str(at_path),
-                "--member",
-                str(clf),
-                "--out",
-                str(tmp_path / "mixed"),
-            ]
-        )
-        == 0
-    )
-    mixed = build_target(EvalConfig(data=str(data), classifier=str(tmp_path / "mixed" / "final.safetensors")))
-    assert mixed.role == "undefended"
+    def soup_role(*members) -> str:
+        out = tmp_path / f"soup{len(list(tmp_path.iterdir()))}"
+        argv = ["train", "ensemble", "--soup", "--out", str(out)]
+        assert atop(argv + [a for m in members for a in ("--member", str(m))]) == 0
+        target = build_target(EvalConfig(data=str(data), classifier=str(out / "final.safetensors")))
+        assert target.adversarially_trained == (target.role == "at")
+        return target.role
+
+    assert soup_role(at_path, at_path) == "at"
+    assert soup_role(at_path, clf) == "undefended"  # one member was not adversarially trained
     x = torch.rand(2, 3, 32, 32)
     logits = rt.stochastic(torch.Generator().manual_seed(0))(x)
     assert logits.shape == (2, rt.classifier.cfg.num_classes)
