@@ -193,6 +193,35 @@ def test_fgsm_training_checks_every_epoch_and_keeps_the_best(data, tmp_path, mon
     assert best.config["train"]["adversarial"] == "fgsm"
 
 
+def test_a_warm_restart_with_a_new_seed_checks_on_its_parents_held_out_images(data, tmp_path, monkeypatch):
+    """The held-out images depend on --robust-check-seed, not on --seed: a restart that changes
+    the data order must not check robustness on images its parent trained on."""
+    checked: list[set[str]] = []
+    check = loop.robust_accuracy
+
+    def spy_check(model, split, *args, **kwargs):
+        checked.append(_fingerprints(split))
+        return check(model, split, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "robust_accuracy", spy_check)
+    cmd = f"train classifier --data {data} {TINY_CLASSIFIER} --epochs 1 --adversarial fgsm --robust-check 16"
+
+    def held_out(args: str) -> set[str]:
+        checked.clear()
+        assert atop(f"{cmd} {args}".split()) == 0 and checked
+        assert all(c == checked[0] for c in checked)  # one set for the whole run
+        return checked[0]
+
+    parent = held_out(f"--out {tmp_path}/parent")
+    init = f"--init {tmp_path}/parent/final.safetensors"
+    restart = held_out(f"--out {tmp_path}/restart --seed 3 {init}")
+    other = held_out(f"--out {tmp_path}/other --seed 3 --robust-check-seed 1 {init}")
+    assert len(parent) == 16 and restart == parent
+    assert other != parent  # another --robust-check-seed holds out other images
+    recorded = load_checkpoint(tmp_path / "restart" / "final.safetensors").config["train"]
+    assert recorded["seed"] == 3 and recorded["robust_check_seed"] == 0
+
+
 # --- weight average (--ema) -----------------------------------------------------------------
 
 

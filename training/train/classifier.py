@@ -90,6 +90,9 @@ class TrainClassifierConfig:
     ema: float = 0.0  # per-step decay of the weight average that is checked and saved (0 = none)
     awp: float = 0.0  # AT: adversarial weight perturbation, relative size gamma (0 = none; 5e-3 typical)
     robust_check: int = 256  # adversarial runs: training images held out for the per-epoch PGD check
+    # which images those are: fixed and independent of --seed, so that a warm restart with a new
+    # seed checks on the images its parent held out too, not on images the parent trained on
+    robust_check_seed: int = 0
     precision: str = "bf16"  # bf16 | fp32: autocast of the training step
     seed: int = 0  # data order, augmentation, attacks and (main) the initial weights
     init: str = ""  # checkpoint path: start from its weights (fresh optimizer and schedule)
@@ -139,7 +142,7 @@ def run(
     # Data: the splits; adversarial runs hold images out of training for the robust check.
     train, test = _load_splits(cfg)
     model_cfg = cfg.classifier(train)
-    check = RobustCheck(images=cfg.robust_check, eps=cfg.adv_eps, seed=cfg.seed)
+    check = RobustCheck(images=cfg.robust_check, eps=cfg.adv_eps, seed=cfg.robust_check_seed)
     held = None
     if cfg.adversarial != "none" and check.images:
         train, held = robust_check.hold_out(train, check)
@@ -358,6 +361,11 @@ ARGS = [  # (field, help); defaults come from the config
         " costs one more pass per step, counters robust overfitting (0 = off; 5e-3 typical)",
     ),
     ("robust_check", "AT: training images held out for the per-epoch PGD-10 check (0 = none)"),
+    (
+        "robust_check_seed",
+        "AT: picks those held-out images; independent of --seed, so a warm restart (--init) with a"
+        " new --seed holds out the same images as its parent did (keep the parent's value)",
+    ),
     ("purified_fraction", "with --purifier: share of each batch replaced by g(t(x))"),
     ("purified_test", "with --purifier: test images for test_acc_purified (0 = all)"),
     ("distill_weight", "with --teacher: share of the loss given to the teacher's soft targets"),
