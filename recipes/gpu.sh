@@ -5,10 +5,12 @@
 # evaluate it like any other model.
 #
 #   fast net width 64, depth 2 (3.2M parameters: the largest that keeps the exported ONNX +
-#   TorchScript pair inside the repository's size budget), FGSM from a random start at l-inf
-#   8/255 with every image adversarial, one-cycle lr 0.2 over the whole run, EMA 0.999, bf16
-#   autocast, the per-epoch PGD-10 check on 256 held-out training images with its best epoch,
-#   and AWP (adversarial weight perturbation; AWP=0 turns it off).
+#   TorchScript pair inside the repository's size budget), every image adversarial at l-inf
+#   8/255, made by ADV_STEPS steps of PGD from a random start (default 3, step 2.5*eps/steps:
+#   on the CPU a PGD-3 restart gained 3.1 points of PGD-50 over FGSM's, docs/training.md;
+#   ADV_STEPS=1 is FGSM-RS, the CPU default's, cheaper per epoch), one-cycle lr 0.2 over the
+#   whole run, EMA 0.999, bf16 autocast, the per-epoch PGD-10 check on 256 held-out training
+#   images with its best epoch, and AWP (adversarial weight perturbation; AWP=0 turns it off).
 #
 # It first times two short probes (20 and 80 steps) to get the seconds per step on that machine,
 # then picks the number of epochs that fits TRAIN_S (capped at MAX_EPOCHS), so the learning-rate
@@ -22,8 +24,9 @@
 #   atop export --classifier F/final.safetensors --purifier none --store /tmp/gpu-store --data D
 #   atop eval --data D --store /tmp/gpu-store --preset custom --attacks pgd --steps 50 --eot 1 \
 #     --n 512 --samples 1 --out runs/gate-gpu          # the quick gate, then --preset leekim
-# Dry run on a CPU (tiny data, a few seconds):
-#   TRAIN_S=20 MAX_EPOCHS=2 EXTRA="--limit-train 600 --limit-test 64 --robust-check 64" \
+# Dry run on a CPU (tiny data and width; the two probes time the real network, so ~1-3 min on
+# 2 cores; checked 2026-12-05 with the PGD-3 default: every file produced):
+#   TRAIN_S=20 MAX_EPOCHS=2 EXTRA="--limit-train 600 --limit-test 64 --robust-check 64 --width 8" \
 #     bash recipes/gpu.sh tests-data-folder /tmp/gpu-dry
 set -euo pipefail
 DATA=${1:?usage: recipes/gpu.sh DATA OUT}
@@ -31,13 +34,19 @@ OUT=${2:?usage: recipes/gpu.sh DATA OUT}
 TRAIN_S=${TRAIN_S:-330}      # seconds the real run may take, its checks included
 MAX_EPOCHS=${MAX_EPOCHS:-100}
 AWP=${AWP:-0.005}
+ADV_STEPS=${ADV_STEPS:-3}
 PY=${PYTHON:-python3}
 WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$OUT"
 # shellcheck disable=SC2206
 extra=(${EXTRA:-})
 args=(--data "$DATA" --arch fast --width 64 --depth 2 --batch-size 256 --lr 0.2 --warmup 0.2
-  --adversarial fgsm --ema 0.999 --checkpoint-every-s 60 "${extra[@]}")
+  --ema 0.999 --checkpoint-every-s 60 "${extra[@]}")
+if [ "$ADV_STEPS" = 1 ]; then
+  args+=(--adversarial fgsm)
+else  # step 2.5 * eps / steps, eps = 8/255
+  args+=(--adversarial pgd --adv-steps "$ADV_STEPS" --adv-alpha "$($PY -c "print(2.5 * 8 / 255 / $ADV_STEPS)")")
+fi
 [ "$AWP" != 0 ] && args+=(--awp "$AWP")
 log() { echo "[gpu.sh $(date +%T)] $*" | tee -a "$OUT/gpu.log"; }
 
