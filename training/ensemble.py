@@ -9,7 +9,7 @@ No training happens. Two ways to combine:
   mean of the members' (a uniform "model soup", Wortsman et al. 2022). It costs one forward
   pass, whatever the number of members, and it only makes sense for members of one
   architecture fine-tuned from one parent (e.g. two warm restarts of the same network), whose
-  weights lie in one basin; members of another architecture or shape are refused.
+  weights lie in one basin; members of another architecture are refused.
 
 Either way every later step — the purifier fine-tune, export, evaluation, the service — treats
 the result as the classifier f. With ``--data`` its top-1 is measured on the test split and
@@ -19,12 +19,13 @@ stored with the checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
 import torch
 
-from model_store import sha256_file, verify
+from model_store import sha256_file
 from training.checkpoint import load_checkpoint, run_config, save_checkpoint
 from training.classifier import ClassifierConfig, build_classifier, classifier_config, load_classifier
 from training.data import load_split
@@ -84,8 +85,8 @@ def _member(path: str) -> tuple[ClassifierConfig, dict, dict]:
     model-store version folder (its f, rebuilt from the manifest and the TorchScript file), so a
     combination can be rebuilt from published versions alone."""
     if Path(path).is_dir():
-        manifest = verify(Path(path))
-        model = load_classifier(path)
+        model = load_classifier(path)  # verifies the version's checksums first
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
         recipe = (manifest.get("provenance", {}).get("recipe") or {}).get("classifier") or {}
         train = (recipe.get("config") or {}).get("train", {})
         source = {"path": str(path), "manifest_sha256": manifest.get("manifest_sha256"), "train": train}
@@ -104,12 +105,10 @@ def _member(path: str) -> tuple[ClassifierConfig, dict, dict]:
 def _soup(cfgs: list[ClassifierConfig], states: list[dict], paths: list[str]) -> torch.nn.Module:
     """One network of the members' architecture with the mean of their float tensors; integer
     buffers (BatchNorm's step counters) are the first member's."""
-    first = cfgs[0].to_dict()
-    for cfg, state, path in zip(cfgs[1:], states[1:], paths[1:], strict=True):
+    first = cfgs[0].to_dict()  # one config builds one set of tensor names and shapes
+    for cfg, path in zip(cfgs[1:], paths[1:], strict=True):
         if cfg.to_dict() != first:
             raise ValueError(f"{path}: another architecture than {paths[0]}'s; a soup needs one architecture")
-        if state.keys() != states[0].keys() or any(state[k].shape != v.shape for k, v in states[0].items()):
-            raise ValueError(f"{path}: its tensors do not match {paths[0]}'s; a soup needs one architecture")
     mean = {
         k: torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
         for k, v in states[0].items()
