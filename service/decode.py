@@ -15,6 +15,9 @@
 5. Size: the centred square with the shorter side is cropped, then resized to S x S with
    Pillow's antialiased bicubic filter. An S x S RGB image passes through unchanged, bit for bit.
 6. Values are divided by 255: float32 in [0, 1], channels first.
+
+The commonest request, a JPEG already S x S with nothing to orient, is decoded by libjpeg-turbo
+directly (``atop.imaging.plain_jpeg``): the same pixels, without Pillow's header parsing in Python.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from atop.imaging import model_pixels  # rules 4 and 5, shared with training
+from atop.imaging import model_pixels, plain_jpeg  # rules 4 and 5, shared with training
 from service.errors import ApiError
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
@@ -92,41 +95,58 @@ def _check_size(im: Image.Image, max_pixels: int) -> Image.Image:
 INLINE_PIXELS = 128 * 128
 
 
-def small_images(blobs: list[bytes]) -> list[Image.Image] | None:
-    """The opened images (``open_checked``: rules 1-2, header only, nothing decoded) when every
-    one passes and together they have <= INLINE_PIXELS pixels, for ``decode_many(opened=...)``;
-    else None, and the threadpool path opens them again and reports what is wrong."""
+def small_images(blobs: list[bytes], size: int) -> list[Image.Image | np.ndarray] | None:
+    """Per image, the pixels of a plain S x S JPEG (``plain_jpeg``: decoding one costs less than
+    parsing its header twice) or the opened image (``open_checked``: rules 1-2, header only,
+    nothing decoded), when every one passes and together they have <= INLINE_PIXELS pixels, for
+    ``decode_many(opened=...)``; else None, and the threadpool path opens them again and reports
+    what is wrong."""
     total, opened = 0, []
     for data in blobs:
-        try:
-            im = open_checked(data, INLINE_PIXELS)
-        except ApiError:
-            return None
-        total += im.size[0] * im.size[1]
+        im = plain_jpeg(data, size)
+        if im is not None:
+            pixels = size * size
+        else:
+            try:
+                im = open_checked(data, INLINE_PIXELS)
+            except ApiError:
+                return None
+            pixels = im.size[0] * im.size[1]
+        total += pixels
         if total > INLINE_PIXELS:
             return None
         opened.append(im)
     return opened
 
 
-def decode_image(data: bytes, *, size: int, max_pixels: int, opened: Image.Image | None = None) -> np.ndarray:
+def decode_image(
+    data: bytes, *, size: int, max_pixels: int, opened: Image.Image | np.ndarray | None = None
+) -> np.ndarray:
     """Bytes of one image -> float32 [3, size, size] in [0, 1]; ApiError on bad input.
-    ``opened``: the same bytes already through ``open_checked`` (its header is not read again)."""
+    ``opened``: ``small_images``' answer for the same bytes: an opened image (its header is not
+    read again) or the pixels of a plain JPEG."""
+    plain = not isinstance(opened, Image.Image) and size * size <= max_pixels
+    arr = (plain_jpeg(data, size) if opened is None else opened) if plain else None
+    if arr is None:
+        arr = _pillow_pixels(data, size, max_pixels, opened if isinstance(opened, Image.Image) else None)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / 255.0
+
+
+def _pillow_pixels(data: bytes, size: int, max_pixels: int, opened: Image.Image | None) -> np.ndarray:
     im = open_checked(data, max_pixels) if opened is None else _check_size(opened, max_pixels)
     try:
         if im.format == "JPEG":
             im.draft("RGB", (size, size))
         im.load()
-        arr = model_pixels(im, size)  # EXIF orientation, rules 4 and 5
+        return model_pixels(im, size)  # EXIF orientation, rules 4 and 5
     except ApiError:
         raise
     except Exception as e:  # truncated data, corrupt chunks, decoder errors of any kind
         raise ApiError(400, "invalid_image", "the image data is corrupt or truncated") from e
-    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / 255.0
 
 
 def decode_many(
-    blobs: list[bytes], *, size: int, max_pixels: int, opened: list[Image.Image] | None = None
+    blobs: list[bytes], *, size: int, max_pixels: int, opened: list[Image.Image | np.ndarray] | None = None
 ) -> np.ndarray:
     """Several images -> float32 [N, 3, size, size]; the error message names the failing image.
     ``opened``: ``small_images``' answer for these blobs, when it gave one."""

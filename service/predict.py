@@ -71,36 +71,39 @@ def summarize(
     classes: tuple[str, ...],
     top_k: int,
 ) -> list[ImageResult]:
-    """Per-image answers from the rows' logits [n*samples, K] (and raw logits or None)."""
+    """Per-image answers from the rows' logits [n*samples, K] (and raw logits or None). The numpy
+    work is done once for the whole request, then read as Python numbers (per-image numpy calls
+    were ~15% of the event loop's time per request)."""
     k = len(classes)
     probs = softmax(logits).reshape(n, samples, k).mean(axis=1)
-    raw_probs = None if raw is None else softmax(raw.reshape(n, samples, k)[:, 0])
     top_k = min(top_k, k)
-    out = []
-    for i in range(n):
-        order = np.argsort(-probs[i], kind="stable")[:top_k]
-        best = int(order[0])
-        suspicion = None
-        if raw_probs is not None:
-            raw_best = int(np.argmax(raw_probs[i]))
-            suspicion = Suspicion(
-                suspicious=raw_best != best,
-                score=round(float(0.5 * np.abs(probs[i] - raw_probs[i]).sum()), 6),
-                undefended_label=classes[raw_best],
-                undefended_class_index=raw_best,
-                undefended_probability=float(raw_probs[i, raw_best]),
+    orders = np.argsort(-probs, axis=1, kind="stable")[:, :top_k].tolist()
+    p = probs.tolist()
+    suspicions: list[Suspicion | None] = [None] * n
+    if raw is not None:
+        raw_probs = softmax(raw.reshape(n, samples, k)[:, 0])
+        raw_best = raw_probs.argmax(axis=1).tolist()
+        scores = (0.5 * np.abs(probs - raw_probs).sum(axis=1)).tolist()
+        rp = raw_probs.tolist()
+        for i, (rb, order) in enumerate(zip(raw_best, orders, strict=True)):
+            suspicions[i] = Suspicion(
+                suspicious=rb != order[0],
+                score=round(scores[i], 6),
+                undefended_label=classes[rb],
+                undefended_class_index=rb,
+                undefended_probability=rp[i][rb],
             )
+    out = []
+    for i, order in enumerate(orders):
+        best, pi = order[0], p[i]
         out.append(
             ImageResult(
                 index=i,
                 label=classes[best],
                 class_index=best,
-                probability=float(probs[i, best]),
-                top_k=[
-                    ClassScore(label=classes[c], class_index=int(c), probability=float(probs[i, c]))
-                    for c in order
-                ],
-                suspicion=suspicion,
+                probability=pi[best],
+                top_k=[ClassScore(label=classes[c], class_index=c, probability=pi[c]) for c in order],
+                suspicion=suspicions[i],
             )
         )
     return out

@@ -152,10 +152,84 @@ def test_images_opened_by_small_images_decode_the_same_and_keep_the_server_limit
     from service.decode import small_images
 
     blobs = [encode(noise_image(), "PNG"), encode(noise_image(48, 40), "JPEG", quality=90)]
-    opened = small_images(blobs)
+    opened = small_images(blobs, S)
     assert opened is not None and len(opened) == 2
     direct = decode_many(blobs, size=S, max_pixels=MAXPIX)
     assert np.array_equal(decode_many(blobs, size=S, max_pixels=MAXPIX, opened=opened), direct)
     with pytest.raises(ApiError) as e:  # a server configured below INLINE_PIXELS
-        decode_many(blobs, size=S, max_pixels=1000, opened=small_images(blobs))
+        decode_many(blobs, size=S, max_pixels=1000, opened=small_images(blobs, S))
     assert e.value.status == 413 and e.value.message.startswith("image 0:")
+
+
+def _pillow(data: bytes) -> np.ndarray:
+    """The pixels by Pillow's path alone (rules 1-6 as written), for comparison."""
+    from service.decode import _pillow_pixels
+
+    return _pillow_pixels(data, S, MAXPIX, None).transpose(2, 0, 1) / np.float32(255)
+
+
+def _jpeg_variants():
+    rng = np.random.default_rng(3)
+    smooth = np.repeat(np.linspace(0, 255, S, dtype=np.uint8)[None, :, None], S, 0).repeat(3, 2)
+    for i, arr in enumerate([(rng.random((S, S, 3)) * 255).astype(np.uint8), smooth]):
+        for sub in (0, 1, 2):
+            for mode in ("RGB", "L"):
+                for progressive in (False, True):
+                    q = int(rng.integers(20, 100))
+                    im = Image.fromarray(arr).convert(mode)
+                    yield (
+                        f"{i}-{mode}-sub{sub}-q{q}-p{int(progressive)}",
+                        encode(im, "JPEG", quality=q, subsampling=sub, progressive=progressive),
+                    )
+
+
+@pytest.mark.parametrize("name,data", list(_jpeg_variants()))
+def test_plain_jpegs_take_libjpeg_turbo_directly_with_pillows_pixels(name, data):
+    """A JPEG already S x S with nothing to orient skips Pillow (atop.imaging.plain_jpeg): the
+    pixels must be Pillow's to the bit, whatever the subsampling, mode, quality or progression."""
+    from atop.imaging import plain_jpeg
+
+    pytest.importorskip("simplejpeg")
+    assert plain_jpeg(data, S) is not None, name
+    assert np.array_equal(dec(data), _pillow(data)), name
+
+
+def test_jpegs_the_fast_path_must_not_take_go_through_pillow():
+    """Orientation (EXIF, or XMP, both in APP1), another size, CMYK, and corrupt or truncated
+    data: plain_jpeg declines them, and the answer is Pillow's (an oriented image rotated, a
+    truncated one refused as before)."""
+    from atop.imaging import plain_jpeg
+
+    im = noise_image()
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    oriented = encode(im, "JPEG", quality=95, exif=exif)
+    xmp = encode(
+        im, "JPEG", quality=95, xmp=b'<x:xmpmeta><rdf:Description tiff:Orientation="3"/></x:xmpmeta>'
+    )
+    other_size = encode(noise_image(48, 40), "JPEG", quality=90)
+    cmyk = encode(im.convert("CMYK"), "JPEG", quality=90)
+    for data in (oriented, xmp, other_size, cmyk):
+        assert plain_jpeg(data, S) is None
+        assert np.array_equal(dec(data), _pillow(data))
+    plain = encode(im, "JPEG", quality=95)
+    assert not np.array_equal(dec(oriented), dec(plain))  # the orientation was applied
+    for cut in (len(plain) // 2, len(plain) - 2, 200):
+        assert plain_jpeg(plain[:cut], S) is None
+        assert refused(plain[:cut]).status == 400
+
+
+def test_small_images_marks_plain_jpegs_and_the_pixel_limit_still_holds():
+    from service.decode import small_images
+
+    pytest.importorskip("simplejpeg")
+    blobs = [encode(noise_image(), "JPEG", quality=90), encode(noise_image(), "PNG")]
+    opened = small_images(blobs, S)
+    assert opened is not None and isinstance(opened[0], np.ndarray) and isinstance(opened[1], Image.Image)
+    assert np.array_equal(
+        decode_many(blobs, size=S, max_pixels=MAXPIX, opened=opened),
+        decode_many(blobs, size=S, max_pixels=MAXPIX),
+    )
+    with pytest.raises(ApiError) as e:  # a server whose pixel limit is below S x S
+        decode_many(blobs[:1], size=S, max_pixels=S * S - 1, opened=small_images(blobs[:1], S))
+    assert e.value.status == 413

@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 import pytest
+from fastapi import Request  # module level: the endpoints below name it in string annotations
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from service.deps import get_metrics, get_registry
 from service.settings import Settings
 from tests.service_fixtures import API_KEY, CIFAR10, bomb_png, encode, noise_image, png, republish
 
@@ -292,21 +292,24 @@ def test_not_ready_is_503_and_internal_errors_are_json_500(client):
 
             raise NotReady()
 
-    client.app.dependency_overrides[get_registry] = lambda: Empty()
+    # the lifespan's state, which every request's request.state copies (the routes read it there)
+    state, real = client.app_state, dict(client.app_state)
+    state["registry"] = Empty()
     r = client.post("/classify", content=png(), headers={"content-type": "image/png"})
     err(r, 503, "not_ready")
     assert r.headers["retry-after"]
     err(client.get("/readyz"), 503, "not_ready")
-    client.app.dependency_overrides.pop(get_registry)
+    state.update(real)
 
-    def broken():
-        raise RuntimeError("secret internals")
+    class Broken:
+        def __getattr__(self, name):
+            raise RuntimeError("secret internals")
 
-    client.app.dependency_overrides[get_metrics] = broken
+    state["metrics"] = Broken()
     r = client.post("/classify", content=png(), headers={"content-type": "image/png"})
     assert "secret internals" not in r.text
     err(r, 500, "internal_error")
-    client.app.dependency_overrides.pop(get_metrics)
+    state.update(real)
     ok(client.post("/classify", content=png(), headers={"content-type": "image/png"}))  # still serving
 
 
@@ -360,6 +363,36 @@ def test_small_images_decode_on_the_loop_and_large_ones_in_the_threadpool(client
     assert hops == ["_prepare"]
     assert small["results"][0]["label"] and large["results"][0]["label"]
     side = int(INLINE_PIXELS**0.5)
-    assert small_images([png(side, side)]) is not None and small_images([png(side, side + 1)]) is None
-    assert small_images([png(96, 96), png(96, 96)]) is None  # the request's total counts
-    assert small_images([b"not an image"]) is None and small_images([bomb_png(10**5, 10**5)]) is None
+    assert small_images([png(side, side)], 32) is not None and small_images([png(side, side + 1)], 32) is None
+    assert small_images([png(96, 96), png(96, 96)], 32) is None  # the request's total counts
+    assert small_images([b"not an image"], 32) is None and small_images([bomb_png(10**5, 10**5)], 32) is None
+
+
+def test_a_direct_route_refuses_what_it_would_not_run():
+    """/classify skips FastAPI's dependency solver (service.deps.DirectRoute): a dependency or
+    parameter it does not run itself must fail when the app is built, never be skipped silently."""
+    from fastapi import APIRouter, Depends, FastAPI
+
+    from service.deps import DirectRoute, get_registry, require_api_key
+
+    async def fine(request: Request):
+        return None
+
+    async def with_param(request: Request, top_k: int = 1):
+        return None
+
+    ok_router = APIRouter(route_class=DirectRoute)
+    ok_router.post("/a", dependencies=[Depends(require_api_key)])(fine)
+    FastAPI().include_router(ok_router)
+    for build in (
+        lambda r: r.post("/b", dependencies=[Depends(get_registry)])(fine),
+        lambda r: r.post("/c")(with_param),
+    ):
+        with pytest.raises(TypeError, match="DirectRoute"):
+            build(APIRouter(route_class=DirectRoute))
+    router = APIRouter(route_class=DirectRoute)
+    router.post("/d")(fine)
+    app = FastAPI()
+    app.include_router(router, dependencies=[Depends(get_registry)])
+    with pytest.raises(TypeError, match="DirectRoute"):  # added by include_router: FastAPI
+        TestClient(app).post("/d")  # resolves such a route when it first routes a request

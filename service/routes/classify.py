@@ -20,7 +20,7 @@ from service.batcher import (
     QueueFull,
 )
 from service.decode import decode_many, small_images
-from service.deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
+from service.deps import DirectRoute, require_api_key
 from service.errors import ApiError
 from service.inputs import ClassifyOptions, parse_options, parse_request
 from service.logs import current_request_id
@@ -28,7 +28,7 @@ from service.predict import make_rows, summarize
 from service.registry import Slot
 from service.schemas import ERROR_RESPONSES, ClassifyResponse, ImageResult, ModelRef, Timing
 
-router = APIRouter(tags=["classify"])
+router = APIRouter(tags=["classify"], route_class=DirectRoute)
 
 
 _CAPS = {"top_k": "max_top_k", "samples": "max_samples"}
@@ -193,7 +193,7 @@ async def serve(request: Request, registry, settings, *, views: bool = False) ->
                 f" /inspect's limit is {settings.max_inspect_draws} (send fewer images or samples)",
             )
         args = (blobs, slot, samples, opts.seed, settings.max_pixels)
-        opened = small_images(blobs)
+        opened = small_images(blobs, slot.facts.image_size)
         if opened is not None:  # cheaper to decode here than to hand over to the threadpool
             n, (rows, noise, masks) = _prepare(*args, opened)
         else:
@@ -234,7 +234,7 @@ def answers(served: Served, metrics) -> list[ImageResult]:
 
 
 # What every route that takes images shares: its errors, the documented request forms and
-# options, the API key (/classify and /inspect).
+# options, the API key (/classify and /inspect; both are DirectRoutes, service/deps.py).
 IMAGE_ROUTE = dict(
     responses=ERROR_RESPONSES, openapi_extra=REQUEST_DOC, dependencies=[Depends(require_api_key)]
 )
@@ -246,15 +246,13 @@ IMAGE_ROUTE = dict(
     **IMAGE_ROUTE,
     summary="Classify images through the AToP defense",
 )
-async def classify(
-    request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
-) -> Response:
+async def classify(request: Request) -> Response:
     """Options (query string or body): ``top_k``, ``samples`` (RT draws averaged, capped by the
     server; default: the model version's ``serving.samples``; a version without randomness
     answers with one draw, which is the same answer), ``seed`` (reproducible randomness),
     ``deadline_ms`` (shorter than the server's)."""
-    served = await serve(request, registry, settings)
-    results = answers(served, metrics)
+    served = await serve(request, request.state.registry, request.app.state.settings)
+    results = answers(served, request.state.metrics)
     answer = ClassifyResponse(
         request_id=current_request_id() or "",
         model=ModelRef(name=served.slot.name, version=served.slot.version),
