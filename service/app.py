@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -9,6 +10,7 @@ from fastapi import FastAPI
 
 from atop import __version__
 from service.backends import load_backend
+from service.deps import DirectRoute
 from service.errors import install_handlers
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
@@ -40,6 +42,11 @@ def create_app(settings: Settings | None = None, *, loader=load_backend) -> Fast
             await registry.aclose()
             raise
         registry.start_watching()
+        # What startup built (modules, the app, the model's objects) lives as long as the
+        # process: out of the collector's reach, a full collection under load walks only what
+        # requests allocate, not the ~10^5 objects of the libraries (shorter pauses, the p99).
+        gc.collect()
+        gc.freeze()
         try:
             yield {"registry": registry, "metrics": metrics}
         finally:
@@ -58,7 +65,8 @@ def create_app(settings: Settings | None = None, *, loader=load_backend) -> Fast
     )
     app.state.settings = settings  # the SettingsDep of every route (service/deps.py)
     install_handlers(app)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    direct = [r for r in classify.router.routes if isinstance(r, DirectRoute)]
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, direct=direct)
     app.include_router(classify.router)
     app.include_router(inspect.router)
     app.include_router(ops.router)

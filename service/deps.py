@@ -127,4 +127,23 @@ class DirectRoute(APIRoute):
                 guard(request)
             return await endpoint(request)
 
+        self._handler = handler
         return handler
+
+    async def direct(self, scope, receive, send) -> None:
+        """Serve a request for this route as an ASGI app of its own, without Starlette's router
+        and FastAPI's exception and exit-stack layers (service.middleware calls it for the
+        route's exact method and path): what those layers would do for this endpoint is done
+        here — the route in the scope, the app's exception handlers for what the endpoint
+        raises (an exception without one propagates, as it would through them)."""
+        scope["route"], scope["endpoint"], scope["path_params"] = self, self.endpoint, {}
+        request = Request(scope, receive, send)
+        try:
+            response = await self._handler(request)
+        except Exception as exc:
+            handlers = scope["app"].exception_handlers
+            handler = next((handlers[c] for c in type(exc).__mro__ if c in handlers), None)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
+        await response(scope, receive, send)

@@ -396,3 +396,50 @@ def test_a_direct_route_refuses_what_it_would_not_run():
     app.include_router(router, dependencies=[Depends(get_registry)])
     with pytest.raises(TypeError, match="DirectRoute"):  # added by include_router: FastAPI
         TestClient(app).post("/d")  # resolves such a route when it first routes a request
+
+
+def test_classify_answers_the_same_served_directly_or_through_the_router(service_store, monkeypatch):
+    """/classify is served from the request middleware (DirectRoute.direct), skipping the router
+    and the framework's inner layers; an app built without that must answer every request, good
+    or bad, the same way: same status, error code, headers that matter, and answer."""
+    import service.app as app_module
+
+    settings = make_settings(service_store, api_key=API_KEY, max_images=4, max_body_bytes=64 * 1024)
+    key = {"x-api-key": API_KEY}
+    cases = [
+        ("/classify?seed=3&top_k=3", png(), {"content-type": "image/png"} | key),
+        ("/classify?seed=5", encode(noise_image(), "JPEG", quality=90), {"content-type": "image/jpeg"} | key),
+        ("/classify", png(), {"content-type": "image/png"}),  # no key: 401
+        ("/classify", png(), {"content-type": "image/png", "x-api-key": "wrong-key-0"}),  # 403
+        ("/classify", b"junk", {"content-type": "image/png"} | key),  # 400
+        ("/classify", png(), {"content-type": "text/plain"} | key),  # 415
+        ("/classify?top_k=0", png(), {"content-type": "image/png"} | key),  # 422
+        ("/classify", b"x" * (65 * 1024), {"content-type": "image/png"} | key),  # 413
+    ]
+
+    def run(app) -> list:
+        out = []
+        with TestClient(app) as c:
+            for url, body, headers in cases:
+                r = c.post(url, content=body, headers=headers)
+                doc = r.json()
+                doc.pop("request_id", None), doc.pop("timing", None)
+                out.append((r.status_code, r.headers.get("www-authenticate"), doc))
+            metrics = c.get("/metrics").text
+        assert 'atop_requests_total{route="/classify",status="200"} 2.0' in metrics
+        return out
+
+    from service.deps import DirectRoute
+
+    served, real = [], DirectRoute.direct
+
+    async def spy(self, scope, receive, send):
+        served.append(scope["path"])
+        await real(self, scope, receive, send)
+
+    monkeypatch.setattr(DirectRoute, "direct", spy)
+    direct = run(create_app(settings))
+    assert served == ["/classify"] * len(cases)  # every case took the direct path
+    monkeypatch.setattr(app_module, "DirectRoute", type("NoDirectRoutes", (), {}))
+    assert run(create_app(settings)) == direct and len(served) == len(cases)  # router this time
+    assert [s for s, _, _ in direct] == [200, 200, 401, 403, 400, 415, 422, 413]
