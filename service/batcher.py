@@ -10,8 +10,10 @@ rows ("cost units"):
 * the wait is adaptive: the batcher remembers how many jobs joined a batch while it waited
   (a moving average). When waiting has stopped paying (fewer than half a job joins on average:
   a lone client, or traffic too sparse to batch) a batch flushes at once instead of holding the
-  request for ``max_delay``; one batch in ``PROBE_EVERY`` still waits, so the batcher notices
-  when traffic returns. Under load the average stays high and batches keep filling;
+  request for ``max_delay``. Waiting is back on as soon as a flush finds two jobs queued: they
+  arrived while the previous batch ran, so there is concurrent traffic to gather (a lone client
+  never queues two, so it never pays the delay). Under load the average stays high and batches
+  keep filling;
 * a job larger than a batch is split across consecutive batches; no batch exceeds the cap;
 * the queue holds at most ``queue_size`` rows; beyond that ``submit`` raises ``QueueFull`` (an
   oversized job is still admitted into an empty queue, so it cannot be refused forever);
@@ -85,7 +87,6 @@ class Job:
         return len(self.image)
 
 
-PROBE_EVERY = 16  # with waiting off, every this many batches one still waits (re-measures)
 JOINERS_TO_WAIT = 0.5  # wait while at least this many jobs join a waiting batch on average
 
 
@@ -112,7 +113,6 @@ class Batcher:
         self._closing = False
         self._batch_s = 0.0  # moving average of a batch's inference time
         self._joiners = 1.0  # moving average of the jobs that joined a batch while it waited
-        self._unprobed = 0  # batches flushed at once since the last one that waited
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"atop-infer-{name}")
         self._task: asyncio.Task | None = None
 
@@ -229,13 +229,12 @@ class Batcher:
                 await self._run(parts)
 
     def _delay(self) -> float:
-        """How long the head job may wait for company: ``max_delay`` while waiting pays (or to
-        probe whether it does again), else nothing."""
-        if self._joiners >= JOINERS_TO_WAIT or self._unprobed >= PROBE_EVERY:
-            self._unprobed = 0
-            return self.max_delay
-        self._unprobed += 1
-        return 0.0
+        """How long the head job may wait for company: ``max_delay`` while waiting pays, else
+        nothing. Two jobs queued at a flush (they came while the last batch ran) mean concurrent
+        traffic: waiting is back on, and the moving average then decides whether it stays on."""
+        if len(self._jobs) > 1:  # back to the starting assumption: two idle waits to turn it off
+            self._joiners = max(self._joiners, 1.0)
+        return self.max_delay if self._joiners >= JOINERS_TO_WAIT else 0.0
 
     async def _run(self, parts: list[tuple[Job, int, int]]) -> None:
         def cat(attr: str) -> np.ndarray:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from service.batcher import (
-    PROBE_EVERY,
     Batcher,
     BatcherClosed,
     ClientGone,
@@ -94,11 +93,12 @@ def test_a_lone_request_waits_at_most_the_delay():
 
 def test_a_lone_client_stops_paying_the_delay_and_concurrent_ones_still_batch():
     """Closed loop, one request at a time: after a few batches in which nobody joined, requests
-    flush at once (one in PROBE_EVERY still waits, to notice traffic); then 8 concurrent
-    clients: the probe sees them join and batches fill again."""
+    flush at once, every one of them (a lone client never has two jobs queued, which is what
+    turns waiting back on); then 6 staggered concurrent clients: their jobs queue up behind a
+    batch, waiting comes back on, and batches fill again."""
 
     async def go():
-        fb = FakeBackend()
+        fb = FakeBackend(delay=0.005)  # a batch takes time: concurrent jobs queue up behind it
         b = await make(fb, max_batch_size=8, max_delay_ms=40)
         waits = []
         for i in range(20):
@@ -107,15 +107,15 @@ def test_a_lone_client_stops_paying_the_delay_and_concurrent_ones_still_batch():
             waits.append(time.perf_counter() - t0)
         assert min(waits[:2]) >= 0.04  # waiting is the starting assumption
         fast = [w for w in waits[6:] if w < 0.02]
-        assert len(fast) >= len(waits[6:]) - 1, waits  # at most the probe waited
+        assert len(fast) == len(waits[6:]), waits  # none waited
 
         async def client(i: int):
             await asyncio.sleep(0.004 * i)  # staggered: only a batch that waits gathers them
             await b.infer(*rows(1), timeout_s=5)
 
-        for _ in range(PROBE_EVERY + 2):  # concurrent traffic: found by a probe, then batched
+        for _ in range(6):  # concurrent traffic: found when jobs queue up, then batched
             await asyncio.gather(*(client(i) for i in range(6)))
-        assert fb.batches[-2:] == [6, 6], fb.batches[-20:]
+        assert fb.batches[-2:] == [6, 6], str(fb.batches[-40:])
         await b.aclose()
 
     run(go())
