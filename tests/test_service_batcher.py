@@ -98,7 +98,7 @@ def test_a_lone_client_stops_paying_the_delay_and_concurrent_ones_still_batch():
     batch, waiting comes back on, and batches fill again."""
 
     async def go():
-        fb = FakeBackend(delay=0.005)  # a batch takes time: concurrent jobs queue up behind it
+        fb = FakeBackend(delay=0.01)  # longer than the clients' stagger: jobs queue up behind a batch
         b = await make(fb, max_batch_size=8, max_delay_ms=40)
         waits = []
         for i in range(20):
