@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None, *, loader=load_backend) -> Fast
     )
     app.state.settings = settings  # the SettingsDep of every route (service/deps.py)
     install_handlers(app)
+    # served from the middleware at their own paths: the router is included below without a prefix
     direct = [r for r in classify.router.routes if isinstance(r, DirectRoute)]
     app.add_middleware(RequestContextMiddleware, metrics=metrics, direct=direct)
     app.include_router(classify.router)

@@ -4,8 +4,8 @@ They are ``async def`` on purpose: each is a few attribute reads, and a plain ``
 costs a threadpool round trip per request. The settings are the app's (``create_app`` stores
 them in ``app.state``), not a ``dependency_overrides`` entry: with any override present, FastAPI
 re-inspects every dependency's signature on every request. Even so, solving them cost about a
-quarter of the event loop's CPU per request, so /classify and /inspect are ``DirectRoute``s, which
-run their one dependency (the API key) themselves (bench/load.py, docs/benchmarks.md).
+quarter of the event loop's CPU per request, so /classify is a ``DirectRoute``, which runs its
+one dependency (the API key) itself (bench/load.py, docs/benchmarks.md).
 
 * ``/classify``: when ``api_key`` is set, ``X-API-Key: <key>`` is required.
 * ``/v1/admin/*``: when ``admin_token`` is set, ``Authorization: Bearer <token>`` is required.
