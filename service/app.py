@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None, *, loader=load_backend) -> Fast
         try:
             yield {"registry": registry, "metrics": metrics}
         finally:
+            gc.unfreeze()  # an app built again in this process (tests) starts from a normal heap
             await registry.aclose()
 
     app = FastAPI(

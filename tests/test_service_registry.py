@@ -278,3 +278,27 @@ def test_reference_logits_from_the_exporter_are_checked(tiny_version):
     refs[1][2][0] += 0.1
     with pytest.raises(Refused, match="reference logits not reproduced"):
         known_answer(be, facts, parity)
+
+
+def test_a_version_swapped_out_is_freed_although_startup_froze_the_heap(service_store, tiny_version):
+    """Startup calls gc.freeze() (service/app.py): whatever it built is out of the collector's
+    reach. The first version is built at startup, so once a swap retires it, it must still be
+    freed — by reference counting, with no cycle left behind for the frozen heap to keep."""
+    import gc
+    import weakref
+
+    s = make_settings(service_store, admin_token="admin-token-xyz")
+    with TestClient(create_app(s)) as c:
+        registry = c.app_state["registry"]
+        assert classify(c)["model"]["version"] == 1
+        first = weakref.ref(registry.active.backend)
+        assert first() is not None
+        republish(service_store, tiny_version)
+        assert ok(c.post("/v1/admin/reload", headers=ADMIN))["result"] == "swapped"
+        assert classify(c)["model"]["version"] == 2
+        for _ in range(50):  # the retired slot closes once its last lease is released
+            gc.collect()
+            if first() is None:
+                break
+            time.sleep(0.05)
+        assert first() is None, gc.get_referrers(first())
