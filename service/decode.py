@@ -125,10 +125,12 @@ def decode_image(
     """Bytes of one image -> float32 [3, size, size] in [0, 1]; ApiError on bad input.
     ``opened``: ``small_images``' answer for the same bytes: an opened image (its header is not
     read again) or the pixels of a plain JPEG."""
-    plain = not isinstance(opened, Image.Image) and size * size <= max_pixels
-    arr = (plain_jpeg(data, size) if opened is None else opened) if plain else None
+    pil = opened if isinstance(opened, Image.Image) else None
+    arr = None
+    if pil is None and size * size <= max_pixels:  # a plain JPEG: its pixels, given or decoded here
+        arr = opened if opened is not None else plain_jpeg(data, size)
     if arr is None:
-        arr = _pillow_pixels(data, size, max_pixels, opened if isinstance(opened, Image.Image) else None)
+        arr = _pillow_pixels(data, size, max_pixels, pil)
     return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / 255.0
 
 
