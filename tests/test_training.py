@@ -337,3 +337,45 @@ def test_every_rank_stops_when_rank_0_sees_a_collapse(tmp_path):
     mp.spawn(_flag_worker, args=(init, str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "rank0").read_text() == "True"
     assert (tmp_path / "rank1").read_text() == "True"
+
+
+def test_distillation_with_adversarial_training_scores_the_adversarial_image(monkeypatch):
+    """--adversarial with --teacher (adversarially robust distillation): the step's loss is
+    (1 - a) * CE(f(x'), y) + a * tau^2 * KL(teacher's soft target of the clean x || f(x') / tau),
+    both terms on the student's logits for the adversarial image x', none on the clean one."""
+    import copy
+
+    from torch.nn import functional as F
+
+    from training.classifier import ClassifierConfig, build_classifier
+    from training.data import Batch
+    from training.train import classifier as tc
+    from training.train.distributed import DistInfo
+
+    torch.manual_seed(0)
+    model = build_classifier(ClassifierConfig(depth=1, width=4, num_classes=3))
+    x, y = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    soft = torch.softmax(torch.randn(8, 3), dim=1)
+    x_adv = (x + 0.03 * torch.randn_like(x).sign()).clamp(0, 1)
+    monkeypatch.setattr(tc, "fgsm_rs", lambda net, xs, ys, **kw: x_adv.clone())
+    cfg = tc.TrainClassifierConfig(
+        data="unused",
+        out="unused",
+        adversarial="fgsm",
+        teacher="t",
+        distill_weight=0.3,
+        distill_temperature=2.0,
+        precision="fp32",
+    )
+    before = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = tc.ClassifierStep(cfg, DistInfo(), model, opt, None, None, None, None)
+    got = step(Batch(x, y, soft), step=0, total=10)["loss"]
+
+    def expected(inputs):
+        logits = before(inputs).float()
+        kl = F.kl_div(F.log_softmax(logits / 2.0, dim=1), soft, reduction="batchmean")
+        return (0.7 * F.cross_entropy(logits, y) + 0.3 * 4.0 * kl).item()
+
+    assert got == pytest.approx(expected(x_adv), rel=1e-4)
+    assert abs(got - expected(x)) > 1e-3  # the clean image's loss is a different number
