@@ -1,16 +1,24 @@
 """The results table (README, docs/results.md) from ``atop eval`` JSON files, one row each.
 
     python bench/results_table.py \\
-        --row "undefended=runs/eval/undefended.json" --row "RT only=runs/eval/rt-only.json" \\
-        --row "AP=runs/eval/ap.json" --row "AToP=runs/eval/atop.json" --row "AT=runs/eval/at.json" \\
+        --row "undefended=runs/eval/undefended.json" \\
+        --row "AT=runs/eval/at.json+runs/eval/at-linf4.json+runs/eval/at-linf12.json" \\
+        --cost "AT=bench/results/ort-cost.json:model_store/cifar10-atop/15" \\
         --out docs/results.md
 
-Columns: clean, PGD-EOT ℓ∞ 8/255, AutoAttack-rand ℓ∞ 8/255, PGD-EOT ℓ2 0.5, Square ℓ∞ 8/255,
-the unseen attack (flow), the ℓ∞ worst case, and the inference cost per image. Every robust
-figure is the vote rule (the service's answer); a figure measured inside a cascade (only on the
-images earlier attacks left robust, so it is the worst case over those attacks too) is marked
-with †. The protocol of every row is listed below the table, then the paper's published
-figures beside ours.
+A row is one evaluation JSON, or several joined with ``+`` (the main protocol, then runs at other
+radii or budgets): they must attack the same files (sha256) on the same seeded images with the
+same number of draws, or the table refuses them. Columns: clean (the row's clean set, 10,000
+images as served), PGD-EOT ℓ∞ 8/255, AutoAttack-rand ℓ∞ 8/255, the ℓ∞ 8/255 worst case (every ℓ∞
+attack of the row, per image), Square ℓ∞ 8/255, PGD-EOT ℓ2 0.5, the unseen ones (flow, and the ℓ∞
+worst case at 4/255 and 12/255), and the cost of one answer. Every robust figure is the vote rule
+(the service's answer) with its 95% Wilson interval; a figure measured inside a cascade (only on
+the images earlier attacks left robust, so it is the worst case over those attacks too) is marked
+with †, and one measured with less than the full protocol (Lee & Kim's 200 steps x EOT 20,
+AutoAttack's 100 iterations and 5,000 Square queries; EOT 1 for a deterministic row) names its
+budget, as does one on fewer than 512 images. The cost is the eval's own torch timing unless
+``--cost`` names an ONNX Runtime measurement (bench/ort_cost.py) of the row's exported folder.
+The protocol of every row is listed below the table, then the paper's published figures.
 """
 
 from __future__ import annotations
@@ -20,14 +28,20 @@ import json
 import math
 from pathlib import Path
 
+from training.eval.stats import wilson
+
 LINF, L2 = 8 / 255, 0.5
-# (column, attack name, norm, eps); eps None = any
+FULL_N = 512
+# (column, attack name, norm, eps, full steps, full EOT); eps None = any
 COLUMNS = [
-    ("PGD-EOT ℓ∞ 8/255", "pgd", "Linf", LINF),
-    ("AutoAttack-rand ℓ∞ 8/255", "autoattack-rand", "Linf", LINF),
-    ("PGD-EOT ℓ2 0.5", "pgd", "L2", L2),
-    ("Square ℓ∞ 8/255", "square", "Linf", LINF),
-    ("unseen: flow ≤ 1 px", "flow", "flow", None),
+    ("PGD-EOT ℓ∞ 8/255", "pgd", "Linf", LINF, 200, 20),
+    ("AutoAttack-rand ℓ∞ 8/255", "autoattack-rand", "Linf", LINF, 100, 20),
+    ("worst ℓ∞ 8/255", "worst", "Linf", LINF, 0, 0),
+    ("Square ℓ∞ 8/255", "square", "Linf", LINF, 5000, 1),
+    ("PGD-EOT ℓ2 0.5", "pgd", "L2", L2, 200, 20),
+    ("unseen: flow ≤ 1 px", "flow", "flow", None, 100, 20),
+    ("unseen: worst ℓ∞ 4/255", "worst", "Linf", 4 / 255, 0, 0),
+    ("unseen: worst ℓ∞ 12/255", "worst", "Linf", 12 / 255, 0, 0),
 ]
 PAPER = """## Published figures (AToP paper, CIFAR-10, RT2, 512 or fewer test images)
 
@@ -36,19 +50,25 @@ PAPER = """## Published figures (AToP paper, CIFAR-10, RT2, 512 or fewer test im
 | without fine-tuning (as reported) | 84.18% | 59.57% | 56.25% |
 | AToP (as reported) | 90.04% | 72.85% | 64.06% |
 
-What differs: the paper's purifier is an inpainting GAN (DeepFillv2) working on CIFAR-10
-upsampled to 256×256, so its noise is ~8x milder per native pixel than the same σ here, and its
-models are far larger; ours are a 1.4M-parameter ensemble classifier
-(ResNet-20 + fast net, mirror-averaged) and a 0.6M-parameter UNet at native 32×32, trained on 2
-CPU cores and sized for CPU serving. The reference
-evaluation used few attack steps, had mask-handling bugs and gradients that skipped the
-purifier (DESIGN.md), so its numbers are an upper anchor; ours attack the deployed pipeline
-with exact gradients, EOT and the service's own answer rule, on the test subset stated above.
+What differs, in one sentence: the paper's purifier is an inpainting GAN (DeepFillv2) on
+CIFAR-10 upsampled to 256×256 (its noise ~8x milder per native pixel than the same σ here) over
+far larger classifiers, and its evaluation used few attack steps, mask-handling bugs and
+gradients that skipped the purifier (DESIGN.md), so its figures are an upper anchor; ours are
+models sized for 2 CPU cores at native 32×32, attacked through the whole deployed pipeline with
+exact gradients, EOT and the service's own answer rule, on the images stated above.
 """
 
 
 def pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def with_ci(v: float, ci: list[float] | None, n: int | None = None) -> str:
+    """'44.7% [40.5–49.1]'; an older JSON without the interval gets its Wilson interval from n
+    (vote-rule accuracies are 0/1 per image, so accuracy x n is the count)."""
+    if not ci and n:
+        ci = list(wilson(round(v * n), n))
+    return pct(v) + (f" [{100 * ci[0]:.1f}–{100 * ci[1]:.1f}]" if ci else "")
 
 
 def hours(seconds: float) -> str:
@@ -59,6 +79,35 @@ def close(a: float, b: float | None) -> bool:
     return b is None or math.isclose(a, b, rel_tol=1e-3)
 
 
+def identity(result: dict) -> dict:
+    """What a row's files must share: the attacked files, the images and the answer rule."""
+    source = result.get("target", {}).get("source", {})
+    files = {k: v for k, v in source.items() if k.endswith("sha256") and k != "manifest_sha256"}
+    p = result.get("protocol", {})
+    return {
+        "files": sorted(files.values()),
+        "images": (p.get("n_images"), p.get("subset_seed")),
+        "samples": result.get("scoring", {}).get("samples"),
+    }
+
+
+def merge(paths: list[str]) -> dict:
+    """One row from several eval JSONs of the same target; the first gives clean and cost."""
+    results = [json.loads(Path(q).read_text()) for q in paths]
+    first = results[0]
+    for q, r in zip(paths[1:], results[1:], strict=True):
+        a, b = identity(first), identity(r)
+        if a != b:
+            diff = ", ".join(k for k in a if a[k] != b[k])
+            raise SystemExit(f"{q}: not the same evaluation target as {paths[0]} ({diff} differ)")
+    merged = dict(first)
+    merged["robust"] = [e for r in results for e in r.get("robust", [])]
+    merged["worst_case"] = [w for r in results for w in r.get("worst_case", [])]
+    merged["_files"] = paths
+    merged["_parts"] = results
+    return merged
+
+
 def find(result: dict, name: str, norm: str, eps: float | None) -> dict | None:
     """The strongest-budget entry of that attack and threat model (most steps x EOT)."""
     hits = [
@@ -66,89 +115,196 @@ def find(result: dict, name: str, norm: str, eps: float | None) -> dict | None:
         for r in result.get("robust", [])
         if r.get("name") == name and r["norm"] == norm and close(r["eps"], eps)
     ]
-    return max(hits, key=lambda r: r["steps"] * r["eot"], default=None)
+    return max(hits, key=lambda r: (r["steps"] * r["eot"], r["n_images"]), default=None)
 
 
-def cell(entry: dict | None) -> str:
+def budget(entry: dict, steps: int, eot: int, randomized: bool) -> str:
+    """'' at the full protocol's budget, else what was run (steps x EOT, images)."""
+    notes = []
+    short = entry["steps"] < steps or (randomized and entry["eot"] < eot)
+    if short:
+        notes.append(f"{entry['steps']}" + (f"×{entry['eot']}" if randomized else " steps"))
+    if entry["n_images"] < FULL_N:
+        notes.append(f"{entry['n_images']} images")
+    return ", ".join(notes)
+
+
+def cell(entry: dict | None, steps: int, eot: int, randomized: bool) -> str:
     if entry is None:
-        return "–"
-    return pct(entry["accuracy"]) + ("†" if entry.get("cascade_after") else "")
-
-
-def row(label: str, result: dict) -> str:
-    cells = [pct(result["clean_accuracy"])] + [cell(find(result, *c[1:])) for c in COLUMNS]
-    worst = [w for w in result.get("worst_case", []) if w["norm"] == "Linf" and close(w["eps"], LINF)]
-    cells.append(pct(worst[0]["accuracy"]) if worst else "–")
-    cells.append(pct(worst[0]["accuracy_single_draw"]) if worst else "–")
-    c = result.get("cost", {})
-    cells.append(
-        f"{c['answer_ms_per_image']:.1f} ms ({c['answer_draws']} draw{'s' * (c['answer_draws'] > 1)}, "
-        f"{c.get('threads', '?')} thread{'s' * (c.get('threads') != 1)})"
-        if c
-        else "–"
+        return "not run"
+    note = budget(entry, steps, eot, randomized)
+    return (
+        with_ci(entry["accuracy"], entry.get("ci95"), entry.get("n_images"))
+        + ("†" if entry.get("cascade_after") else "")
+        + (f" ({note})" if note else "")
     )
+
+
+FULL_ATTACKS = {"pgd": (200, 20), "autoattack-rand": (100, 20), "square": (5000, 1), "fgsm": (1, 20)}
+
+
+def worst_cell(result: dict, eps: float, randomized: bool) -> str:
+    """The per-image worst case over the row's ℓ∞ attacks at eps, as its eval JSON computed it.
+    Several files with a worst case at the same radius: the lowest, marked ≤ (the per-image
+    minimum across files is not in the JSONs, and can only be lower)."""
+    hits = [w for w in result.get("worst_case", []) if w["norm"] == "Linf" and close(w["eps"], eps)]
+    if not hits:
+        return "not run"
+    w = min(hits, key=lambda h: h["accuracy"])
+    notes = []
+    names = [a.removesuffix("-eot") for a in w["attacks"]]  # the JSON names attacks as run: pgd-eot
+    for name in names:
+        e = find(result, name, "Linf", eps)
+        full = FULL_ATTACKS.get(name)
+        if e is not None and full is not None:
+            b = budget(e, *full, randomized)
+            if b:
+                notes.append(f"{name} {b}")
+    if "autoattack-rand" not in names:
+        notes.append("no AutoAttack")
+    return (
+        ("≤ " if len(hits) > 1 else "")
+        + with_ci(
+            w["accuracy"], w.get("ci95"), w.get("n_images") or result.get("protocol", {}).get("n_images")
+        )
+        + (f" ({'; '.join(notes)})" if notes else "")
+    )
+
+
+def cost_cell(result: dict, ort: dict | None) -> str:
+    samples = result.get("scoring", {}).get("samples", 1)
+    if ort is not None:
+        per = ort["ms_per_image_per_draw"]
+        draws = f"{samples} draws × {per:.2f}" if samples > 1 else "1 draw"
+        return f"{per * samples:.2f} ms ({draws}; ONNX Runtime, {ort['_threads']} thread)"
+    c = result.get("cost", {})
+    if not c:
+        return "–"
+    return (
+        f"{c['answer_ms_per_image']:.1f} ms ({c['answer_draws']} draw{'s' * (c['answer_draws'] > 1)}, "
+        f"torch, {c.get('threads', '?')} thread{'s' * (c.get('threads') != 1)})"
+    )
+
+
+def clean_cell(result: dict) -> str:
+    """Clean accuracy as served (the vote of the row's draws), on the row's clean set."""
+    served = result.get("clean_accuracy_answer") or {}
+    if served.get("accuracy") is not None:
+        acc, ci, n = served["accuracy"], served.get("ci95"), served.get("n_images")
+    else:
+        acc, ci, n = result["clean_accuracy"], result.get("clean_ci95"), result.get("n_images")
+    return with_ci(acc, ci, n) + f" ({n:,} images)" if n else with_ci(acc, ci)
+
+
+def row(label: str, result: dict, ort: dict | None = None) -> str:
+    randomized = bool(result.get("target", {}).get("randomized", True))
+    cells = [clean_cell(result)]
+    for _, name, norm, eps, steps, eot in COLUMNS:
+        if name == "worst":
+            cells.append(worst_cell(result, eps, randomized))
+        else:
+            cells.append(cell(find(result, name, norm, eps), steps, eot, randomized))
+    cells.append(cost_cell(result, ort))
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def protocol_line(label: str, result: dict) -> str:
-    p = result.get("protocol", {})
-    s = result.get("sanity", {})
-    attacks = "; ".join(
-        f"{r['attack']} {r['norm']} {r['eps']:.4g}: {r['steps']} steps, EOT {r['eot']}"
-        + (f" (after {', '.join(r['cascade_after'])})" if r.get("cascade_after") else "")
-        for r in result.get("robust", [])
-    )
-    sane = (
-        "all sanity checks passed"
-        if s.get("all_passed")
-        else f"**sanity checks FAILED: {', '.join(s.get('failed', []))}**"
-    )
+    lines = []
+    for path, part in zip(result.get("_files", [""]), result.get("_parts", [result]), strict=True):
+        p = part.get("protocol", {})
+        s = part.get("sanity", {})
+        attacks = "; ".join(
+            f"{r['attack']} {r['norm']} {r['eps']:.4g}: {r['steps']} steps, EOT {r['eot']}"
+            + (f" (after {', '.join(r['cascade_after'])})" if r.get("cascade_after") else "")
+            for r in part.get("robust", [])
+        )
+        sane = (
+            "all sanity checks passed"
+            if s.get("all_passed")
+            else f"**sanity checks FAILED: {', '.join(s.get('failed', []))}**"
+        )
+        where = f"`{path}`: " if path else ""
+        lines.append(
+            f"{where}preset `{p.get('preset', '?')}`, {p.get('n_images', '?')} images (subset seed "
+            f"{p.get('subset_seed', '?')}), clean on {part.get('n_images', '?')}; {attacks}; {sane}; "
+            f"wall {hours(part.get('wall_s', 0))}"
+        )
     role = result.get("target", {}).get("description", "")
-    return (
-        f"* **{label}** ({role}): preset `{p.get('preset', '?')}`, {p.get('n_images', '?')} images (subset seed "
-        f"{p.get('subset_seed', '?')}), clean on {result.get('n_images', '?')}; {attacks}; {sane}; "
-        f"votes of {result.get('scoring', {}).get('samples', '?')} draws; wall {hours(result.get('wall_s', 0))}."
-    )
+    votes = result.get("scoring", {}).get("samples", "?")
+    draws = f"votes of {votes} draws" if votes != 1 else "one deterministic answer"
+    return f"* **{label}** ({role}; {draws}): " + " · ".join(lines) + "."
 
 
-def table(rows: list[tuple[str, dict]]) -> str:
-    head = ["model", "clean"] + [c[0] for c in COLUMNS] + ["worst ℓ∞", "worst ℓ∞, 1 draw", "cost / image"]
+def table(rows: list[tuple[str, dict]], costs: dict[str, dict] | None = None) -> str:
+    costs = costs or {}
+    head = ["model", "clean"] + [c[0] for c in COLUMNS] + ["cost / answer"]
     lines = [
-        "## Robust accuracy (vote of the service's draws; same classifier, same test subset)",
+        "## Robust accuracy (vote of the service's draws; the same seeded test images in every row)",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    lines += [row(label, r) for label, r in rows]
+    lines += [row(label, r, costs.get(label)) for label, r in rows]
     lines += [
         "",
-        "† measured in a cascade: only on the images the attacks listed for that row left robust, "
-        "so the figure is the worst case over them too. Robust figures are the vote of the row's draws "
-        "(the service with samples=k); '1 draw' is what a client asking for samples=1 gets, in "
-        "expectation. Cost: wall time of one answer (all its draws) per image, on the row's threads.",
+        "95% Wilson intervals in brackets. † measured in a cascade: only on the images the attacks "
+        "listed for that row left robust, so the figure is the worst case over them too. A budget in "
+        "parentheses (steps×EOT, images) is less than the full protocol's, so the figure is an upper "
+        "bound on what the full protocol would leave; 'not run' is a column this row has no "
+        "measurement for. Robust figures are the vote of the row's draws (the service with "
+        "samples=k). Cost: one answer (all its draws) per image.",
         "",
         "### Protocol",
         "",
     ]
     lines += [protocol_line(label, r) for label, r in rows]
-    failed = [label for label, r in rows if not r.get("sanity", {}).get("all_passed", False)]
+    failed = [
+        label
+        for label, r in rows
+        if not all(p.get("sanity", {}).get("all_passed", False) for p in r.get("_parts", [r]))
+    ]
     if failed:
         lines += ["", f"> **WARNING: sanity checks failed for {', '.join(failed)}; see their reports.**"]
     return "\n".join(lines + ["", PAPER])
 
 
+def load_cost(spec: str) -> tuple[str, dict]:
+    """'LABEL=ort.json:folder' -> the bench/ort_cost.py result measured on that folder."""
+    label, _, rest = spec.partition("=")
+    path, _, folder = rest.rpartition(":")
+    if not label or not path or not folder:
+        raise SystemExit(f"--cost {spec!r}: expected LABEL=ORT_JSON:FOLDER")
+    data = json.loads(Path(path).read_text())
+    for r in data.get("results", []):
+        if r.get("folder") == folder:
+            return label, r | {"_threads": data.get("threads", "?")}
+    raise SystemExit(f"--cost {spec!r}: {path} has no measurement of {folder}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--row", action="append", required=True, help="LABEL=eval.json, in table order")
+    p.add_argument(
+        "--row", action="append", required=True, help="LABEL=eval.json[+more.json...], in table order"
+    )
+    p.add_argument(
+        "--cost", action="append", default=[], help="LABEL=ort_cost.json:FOLDER (bench/ort_cost.py), optional"
+    )
     p.add_argument("--out", default="", help="write the Markdown here (default: stdout)")
     args = p.parse_args(argv)
     rows = []
     for spec in args.row:
-        label, _, path = spec.partition("=")
-        if not path:
-            raise SystemExit(f"--row {spec!r}: expected LABEL=PATH")
-        rows.append((label, json.loads(Path(path).read_text())))
-    text = table(rows)
+        label, _, paths = spec.partition("=")
+        if not paths:
+            raise SystemExit(f"--row {spec!r}: expected LABEL=PATH[+PATH...]")
+        missing = [q for q in paths.split("+") if not Path(q).is_file()]
+        if missing:
+            raise SystemExit(f"--row {label!r}: no such file: {', '.join(missing)}")
+        rows.append((label, merge(paths.split("+"))))
+    costs = dict(load_cost(c) for c in args.cost)
+    unknown = set(costs) - {label for label, _ in rows}
+    if unknown:
+        raise SystemExit(f"--cost for a label with no --row: {', '.join(sorted(unknown))}")
+    text = table(rows, costs)
     if args.out:
         Path(args.out).write_text(text)
     else:

@@ -234,26 +234,48 @@ def test_results_table(trained, tmp_path):
     common = dict(data=str(data), classifier=str(clf), n=8, clean_n=8, samples=2, sanity=False)
     common |= dict(attacks=("pgd", "square"), eps=8 / 255, steps=2, eot=2, square_queries=10)
     run(EvalConfig(**common, out=str(tmp_path / "undefended")))
+    run(EvalConfig(**{**common, "attacks": ("pgd",), "eps": 4 / 255}, out=str(tmp_path / "undefended-4")))
     run(EvalConfig(**common, purifier=str(pur), out=str(tmp_path / "ap")))
+    table = [sys.executable, str(REPO / "bench" / "results_table.py")]
     out = tmp_path / "results.md"
+    undefended = f"undefended={tmp_path}/undefended.json+{tmp_path}/undefended-4.json"
     subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "results_table.py"),
-            "--row",
-            f"undefended={tmp_path}/undefended.json",
-        ]
-        + ["--row", f"AP={tmp_path}/ap.json", "--out", str(out)],
+        table + ["--row", undefended, "--row", f"AP={tmp_path}/ap.json", "--out", str(out)],
         check=True,
         cwd=REPO,
     )
     text = out.read_text()
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")
+        for line in text.splitlines()
+        if line.startswith("| ")
+    }
     for label, name in (("undefended", "undefended"), ("AP", "ap")):
-        clean = json.loads((tmp_path / f"{name}.json").read_text())["clean_accuracy"]
-        assert f"| {label} | {100 * clean:.1f}% | " in text  # the row carries its own JSON's numbers
-    assert "## Published figures" in text
-    assert "†" in text and "### Protocol" in text
-    assert "(2 draws, " in text and " thread" in text  # cost cell names its draws and threads
+        r = json.loads((tmp_path / f"{name}.json").read_text())
+        assert rows[label][1].startswith(
+            f"{100 * r['clean_accuracy_answer']['accuracy']:.1f}% ["
+        )  # served, with CI
+        pgd = next(e for e in r["robust"] if e["name"] == "pgd")
+        lo, hi = pgd["ci95"]
+        budget = "2 steps" if label == "undefended" else "2×2"  # EOT counts only where there is randomness
+        want = f"{100 * pgd['accuracy']:.1f}% [{100 * lo:.1f}–{100 * hi:.1f}] ({budget}, 8 images)"
+        assert rows[label][2] == want
+        assert "†" in rows[label][5]  # Square ran on the points PGD left robust
+    # the joined file gives the undefended row its 4/255 column; the AP row has none
+    four = json.loads((tmp_path / "undefended-4.json").read_text())["worst_case"][0]
+    assert rows["undefended"][8].startswith(f"{100 * four['accuracy']:.1f}% [")
+    assert rows["AP"][8] == "not run" and "no AutoAttack" in rows["AP"][4]
+    assert "## Published figures" in text and "### Protocol" in text
+    assert "(2 draws, torch, " in text  # cost cell names its draws and threads
+    # two files of different targets (the bare f and AP) in one row are refused, not averaged
+    bad = subprocess.run(
+        table + ["--row", f"mixed={tmp_path}/undefended.json+{tmp_path}/ap.json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert bad.returncode != 0 and "not the same evaluation target" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 @pytest.mark.parametrize(
