@@ -63,6 +63,16 @@ def test_pgd_breaks_the_undefended_classifier(trained):
     assert not res["target"]["randomized"] and res["target"]["role"] == "undefended"
 
 
+def test_the_undefended_check_runs_at_8_255_under_a_smaller_radius(trained):
+    """At 1/255 a bare network may honestly keep a lot; the attack-works check (must fall to ~0%)
+    is calibrated at 8/255 and runs there, with the protocol's step scaled, not at 1/255."""
+    data, clf, _ = trained
+    res = run(EvalConfig(data=str(data), classifier=str(clf), n=16, clean_n=16, eps=1 / 255, steps=5))
+    check = next(c for c in res["sanity"]["checks"] if c["name"] == "undefended_pgd")
+    assert check["values"]["eps"] == pytest.approx(8 / 255) and "8/255" in check["detail"]
+    assert res["robust"][0]["eps"] == pytest.approx(1 / 255)  # the figure itself stays at 1/255
+
+
 def test_pipeline_results_merge_and_fit_the_manifest(trained, tmp_path):
     data, clf, pur = trained
     out = tmp_path / "eval.json"
@@ -276,6 +286,25 @@ def test_results_table(trained, tmp_path):
     )
     assert bad.returncode != 0 and "not the same evaluation target" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_docs_results_table_is_the_committed_jsons():
+    """The full table in docs/results.md is what bench/results_table.py makes of the committed
+    eval JSONs: a figure typed by hand, or a JSON re-run without regenerating, fails here."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "bench/results_table.py",
+            "@docs/results_table.args",
+            "--update",
+            "docs/results.md",
+            "--check",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,10 @@ see, not something to hide by aborting. The checks:
 * ``randomness`` — the attacked model is called several times on the same images; differing
   logits mean a randomized model (as AutoAttack's ``check_randomized``). A randomized model
   attacked with EOT 1 is refused before any work (``eot_policy``) unless forced.
-* ``undefended_pgd`` — PGD drives the bare (not adversarially trained) classifier to ~0%;
-  otherwise the attack, not the defense, is broken.
+* ``undefended_pgd`` — PGD drives the bare (not adversarially trained) classifier to ~0% at
+  ℓ∞ 8/255 (or the protocol's ℓ∞ radius when larger); otherwise the attack, not the defense, is
+  broken. A protocol at a smaller radius still checks at 8/255: there a bare network may keep
+  more, honestly.
 * ``eps_monotone_<norm>`` / ``eps_reaches_zero_<norm>`` — accuracy does not rise with ε (beyond
   sampling slack) and is ~0% at the largest ε of the sweep.
 * ``whitebox_le_blackbox_<threat>`` — Square must not break a meaningful share of points that
@@ -77,12 +79,16 @@ def eot_policy(attacks, randomized: bool, force: bool) -> None:
         log.warning("FORCED: %s with EOT 1 on a randomized model", ", ".join(bad))
 
 
-def undefended_pgd(acc: float | None, n: int, zero_tol: float, skip: str = "") -> Check:
+def undefended_pgd(
+    acc: float | None, n: int, zero_tol: float, skip: str = "", eps: float | None = None
+) -> Check:
     if skip or acc is None:
         return Check("undefended_pgd", SKIPPED, skip or "no PGD result for the bare classifier")
     ok = acc <= zero_tol
-    detail = f"bare classifier under PGD: {acc:.1%} on {n} images (must be <= {zero_tol:.0%})"
-    return Check("undefended_pgd", PASS if ok else FAIL, detail, {"accuracy": acc, "n_images": n})
+    at = f" at linf {eps * 255:.3g}/255" if eps is not None else ""
+    detail = f"bare classifier under PGD{at}: {acc:.1%} on {n} images (must be <= {zero_tol:.0%})"
+    values = {"accuracy": acc, "n_images": n} | ({"eps": eps} if eps is not None else {})
+    return Check("undefended_pgd", PASS if ok else FAIL, detail, values)
 
 
 def eps_sweep(
