@@ -281,8 +281,33 @@ def load_cost(spec: str) -> tuple[str, dict]:
     raise SystemExit(f"--cost {spec!r}: {path} has no measurement of {folder}")
 
 
+BEGIN = "<!-- results_table.py: begin (generated from the eval JSONs; do not edit by hand) -->"
+END = "<!-- results_table.py: end -->"
+
+
+def update(path: Path, text: str, *, check: bool) -> int:
+    """Put the table between the markers of ``path``; with ``check``, only compare."""
+    doc = path.read_text()
+    if doc.count(BEGIN) != 1 or doc.count(END) != 1 or doc.index(BEGIN) > doc.index(END):
+        raise SystemExit(f"{path}: needs one {BEGIN!r} line and one {END!r} line after it")
+    head, rest = doc.split(BEGIN)
+    _, tail = rest.split(END)
+    new = f"{head}{BEGIN}\n{text}\n{END}{tail}"
+    if check:
+        if new != doc:
+            print(f"{path}: the table differs from the one the eval JSONs give; re-run with --update")
+            return 1
+        print(f"{path}: the table matches the eval JSONs")
+        return 0
+    path.write_text(new)
+    print(f"{path}: table updated ({len(text.splitlines())} lines)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, fromfile_prefix_chars="@"
+    )
     p.add_argument(
         "--row", action="append", required=True, help="LABEL=eval.json[+more.json...], in table order"
     )
@@ -290,6 +315,17 @@ def main(argv: list[str] | None = None) -> int:
         "--cost", action="append", default=[], help="LABEL=ort_cost.json:FOLDER (bench/ort_cost.py), optional"
     )
     p.add_argument("--out", default="", help="write the Markdown here (default: stdout)")
+    p.add_argument(
+        "--update",
+        default="",
+        metavar="FILE",
+        help=f"replace the block between {BEGIN} and {END} in FILE (docs/results.md) with the table",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="with --update: change nothing, exit 1 if FILE's block differs from the JSONs' table",
+    )
     args = p.parse_args(argv)
     rows = []
     for spec in args.row:
@@ -305,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--cost for a label with no --row: {', '.join(sorted(unknown))}")
     text = table(rows, costs)
+    if args.update:
+        return update(Path(args.update), text, check=args.check)
     if args.out:
         Path(args.out).write_text(text)
     else:
