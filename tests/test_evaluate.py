@@ -71,6 +71,10 @@ def test_the_undefended_check_runs_at_8_255_under_a_smaller_radius(trained):
     check = next(c for c in res["sanity"]["checks"] if c["name"] == "undefended_pgd")
     assert check["values"]["eps"] == pytest.approx(8 / 255) and "8/255" in check["detail"]
     assert res["robust"][0]["eps"] == pytest.approx(1 / 255)  # the figure itself stays at 1/255
+    # an l2-only protocol has no l-inf PGD to borrow: the check still runs, at 8/255
+    res = run(EvalConfig(data=str(data), classifier=str(clf), n=16, clean_n=16, norm="l2", eps=0.1, steps=2))
+    check = next(c for c in res["sanity"]["checks"] if c["name"] == "undefended_pgd")
+    assert check["values"]["eps"] == pytest.approx(8 / 255)  # (the tiny model itself is robust there)
 
 
 def test_pipeline_results_merge_and_fit_the_manifest(trained, tmp_path):
