@@ -10,7 +10,8 @@ A row is one evaluation JSON, or several joined with ``+`` (the main protocol, t
 radii or budgets): they must attack the same files (sha256) on the same seeded images with the
 same number of draws, or the table refuses them. Columns: clean (the row's clean set, 10,000
 images as served), PGD-EOT ℓ∞ 8/255, AutoAttack-rand ℓ∞ 8/255, the ℓ∞ 8/255 worst case (every ℓ∞
-attack of the row, per image), Square ℓ∞ 8/255, PGD-EOT ℓ2 0.5, the unseen ones (flow, and the ℓ∞
+attack of the row, per image), Square ℓ∞ 8/255, PGD-EOT ℓ2 0.5 and the ℓ2 worst case (with
+AutoAttack where it ran at ℓ2), the unseen ones (flow, and the ℓ∞
 worst case at 4/255 and 12/255), and the cost of one answer. Every robust figure is the vote rule
 (the service's answer) with its 95% Wilson interval; a figure measured inside a cascade (only on
 the images earlier attacks left robust, so it is the worst case over those attacks too) is marked
@@ -39,6 +40,7 @@ COLUMNS = [
     ("worst ℓ∞ 8/255", "worst", "Linf", LINF, 0, 0),
     ("Square ℓ∞ 8/255", "square", "Linf", LINF, 5000, 1),
     ("PGD-EOT ℓ2 0.5", "pgd", "L2", L2, 200, 20),
+    ("worst ℓ2 0.5", "worst", "L2", L2, 0, 0),
     ("unseen: flow ≤ 1 px", "flow", "flow", None, 100, 20),
     ("unseen: worst ℓ∞ 4/255", "worst", "Linf", 4 / 255, 0, 0),
     ("unseen: worst ℓ∞ 12/255", "worst", "Linf", 12 / 255, 0, 0),
@@ -143,18 +145,18 @@ def cell(entry: dict | None, steps: int, eot: int, randomized: bool) -> str:
 FULL_ATTACKS = {"pgd": (200, 20), "autoattack-rand": (100, 20), "square": (5000, 1), "fgsm": (1, 20)}
 
 
-def worst_cell(result: dict, eps: float, randomized: bool) -> str:
-    """The per-image worst case over the row's ℓ∞ attacks at eps, as its eval JSON computed it.
+def worst_cell(result: dict, norm: str, eps: float, randomized: bool) -> str:
+    """The per-image worst case over the row's attacks at (norm, eps), as its eval JSON computed it.
     Several files with a worst case at the same radius: the lowest, marked ≤ (the per-image
     minimum across files is not in the JSONs, and can only be lower)."""
-    hits = [w for w in result.get("worst_case", []) if w["norm"] == "Linf" and close(w["eps"], eps)]
+    hits = [w for w in result.get("worst_case", []) if w["norm"] == norm and close(w["eps"], eps)]
     if not hits:
         return "not run"
     w = min(hits, key=lambda h: h["accuracy"])
     notes = []
     names = [a.removesuffix("-eot") for a in w["attacks"]]  # the JSON names attacks as run: pgd-eot
     for name in names:
-        e = find(result, name, "Linf", eps)
+        e = find(result, name, norm, eps)
         full = FULL_ATTACKS.get(name)
         if e is not None and full is not None:
             b = budget(e, *full, randomized)
@@ -201,7 +203,7 @@ def row(label: str, result: dict, ort: dict | None = None) -> str:
     cells = [clean_cell(result)]
     for _, name, norm, eps, steps, eot in COLUMNS:
         if name == "worst":
-            cells.append(worst_cell(result, eps, randomized))
+            cells.append(worst_cell(result, norm, eps, randomized))
         else:
             cells.append(cell(find(result, name, norm, eps), steps, eot, randomized))
     cells.append(cost_cell(result, ort))

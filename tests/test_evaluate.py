@@ -277,8 +277,8 @@ def test_results_table(trained, tmp_path):
         assert "†" in rows[label][5]  # Square ran on the points PGD left robust
     # the joined file gives the undefended row its 4/255 column; the AP row has none
     four = json.loads((tmp_path / "undefended-4.json").read_text())["worst_case"][0]
-    assert rows["undefended"][8].startswith(f"{100 * four['accuracy']:.1f}% [")
-    assert rows["AP"][8] == "not run" and "no AutoAttack" in rows["AP"][4]
+    assert rows["undefended"][9].startswith(f"{100 * four['accuracy']:.1f}% [")
+    assert rows["AP"][9] == "not run" and "no AutoAttack" in rows["AP"][4]
     assert "## Published figures" in text and "### Protocol" in text
     assert "(2 draws, torch, " in text  # cost cell names its draws and threads
     # two files of different targets (the bare f and AP) in one row are refused, not averaged
