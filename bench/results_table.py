@@ -93,6 +93,15 @@ def identity(result: dict) -> dict:
     }
 
 
+def runs_of(worst: dict, result: dict) -> frozenset:
+    """The attacks behind one worst-case entry, with their budgets: (attack, steps, EOT)."""
+    return frozenset(
+        (e["attack"], e["steps"], e["eot"])
+        for e in result.get("robust", [])
+        if e["norm"] == worst["norm"] and close(e["eps"], worst["eps"]) and e["attack"] in worst["attacks"]
+    )
+
+
 def merge(paths: list[str]) -> dict:
     """One row from several eval JSONs of the same target; the first gives clean and cost."""
     results = [json.loads(Path(q).read_text()) for q in paths]
@@ -104,7 +113,7 @@ def merge(paths: list[str]) -> dict:
             raise SystemExit(f"{q}: not the same evaluation target as {paths[0]} ({diff} differ)")
     merged = dict(first)
     merged["robust"] = [e for r in results for e in r.get("robust", [])]
-    merged["worst_case"] = [w for r in results for w in r.get("worst_case", [])]
+    merged["worst_case"] = [w | {"_runs": runs_of(w, r)} for r in results for w in r.get("worst_case", [])]
     merged["_files"] = paths
     merged["_parts"] = results
     return merged
@@ -147,12 +156,19 @@ FULL_ATTACKS = {"pgd": (200, 20), "autoattack-rand": (100, 20), "square": (5000,
 
 def worst_cell(result: dict, norm: str, eps: float, randomized: bool) -> str:
     """The per-image worst case over the row's attacks at (norm, eps), as its eval JSON computed it.
-    Several files with a worst case at the same radius: the lowest, marked ≤ (the per-image
+    Several files with a worst case at the same radius: the one whose attacks (with their
+    budgets) include every other's is exact, since the same attack on the same images with the
+    same seed gives the same per-image results; otherwise the lowest, marked ≤ (the per-image
     minimum across files is not in the JSONs, and can only be lower)."""
     hits = [w for w in result.get("worst_case", []) if w["norm"] == norm and close(w["eps"], eps)]
     if not hits:
         return "not run"
     w = min(hits, key=lambda h: h["accuracy"])
+    covers = [
+        h for h in hits if all(o.get("_runs", frozenset()) <= h.get("_runs", frozenset()) for o in hits)
+    ]
+    if covers:
+        w, hits = min(covers, key=lambda h: h["accuracy"]), [w]
     notes = []
     names = [a.removesuffix("-eot") for a in w["attacks"]]  # the JSON names attacks as run: pgd-eot
     for name in names:

@@ -250,6 +250,10 @@ def test_results_table(trained, tmp_path):
     run(EvalConfig(**common, out=str(tmp_path / "undefended")))
     run(EvalConfig(**{**common, "attacks": ("pgd",), "eps": 4 / 255}, out=str(tmp_path / "undefended-4")))
     run(EvalConfig(**common, purifier=str(pur), out=str(tmp_path / "ap")))
+    # the same PGD at 4/255 again, then Square on its survivors: its worst case covers the first's
+    run(EvalConfig(**{**common, "eps": 4 / 255}, out=str(tmp_path / "undefended-4sq")))
+    # another 8/255 run whose attacks neither cover nor are covered by the main file's
+    run(EvalConfig(**{**common, "attacks": ("fgsm",)}, out=str(tmp_path / "undefended-fgsm")))
     table = [sys.executable, str(REPO / "bench" / "results_table.py")]
     out = tmp_path / "results.md"
     undefended = f"undefended={tmp_path}/undefended.json+{tmp_path}/undefended-4.json"
@@ -279,6 +283,17 @@ def test_results_table(trained, tmp_path):
     four = json.loads((tmp_path / "undefended-4.json").read_text())["worst_case"][0]
     assert rows["undefended"][9].startswith(f"{100 * four['accuracy']:.1f}% [")
     assert rows["AP"][9] == "not run" and "no AutoAttack" in rows["AP"][4]
+    # several worst cases at one radius: exact when one run's attacks cover the others', else "≤"
+    joined = "+".join(f"{tmp_path}/undefended{s}.json" for s in ("", "-4", "-4sq", "-fgsm"))
+    joined_text = subprocess.run(
+        table + ["--row", f"u={joined}"], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout
+    cells = next(line for line in joined_text.splitlines() if line.startswith("| u | ")).split(" | ")
+    covering = json.loads((tmp_path / "undefended-4sq.json").read_text())["worst_case"][0]
+    assert cells[9].startswith(f"{100 * covering['accuracy']:.1f}% [")
+    main8 = json.loads((tmp_path / "undefended.json").read_text())["worst_case"][0]["accuracy"]
+    fgsm8 = json.loads((tmp_path / "undefended-fgsm.json").read_text())["worst_case"][0]["accuracy"]
+    assert cells[4].startswith(f"≤ {100 * min(main8, fgsm8):.1f}% [")
     assert "## Published figures" in text and "### Protocol" in text
     assert "(2 draws, torch, " in text  # cost cell names its draws and threads
     # two files of different targets (the bare f and AP) in one row are refused, not averaged
