@@ -29,21 +29,27 @@ import json
 import math
 from pathlib import Path
 
+from training.eval.attacks import NORM_NAMES
+from training.eval.protocol import leekim
 from training.eval.stats import wilson
 
 LINF, L2 = 8 / 255, 0.5
 FULL_N = 512
-# (column, attack name, norm, eps, full steps, full EOT); eps None = any
+# The full protocol's budget per (attack, norm): (steps, EOT), from the leekim preset itself.
+# AutoAttack's ℓ2 budget is taken as its ℓ∞ one (the preset runs it at ℓ∞ only).
+FULL = {(s.name, NORM_NAMES[s.norm]): (s.steps, s.eot) for s in leekim().attacks}
+FULL[("autoattack-rand", "L2")] = FULL[("autoattack-rand", "Linf")]
+# (column, attack name or "worst", norm, eps); eps None = any
 COLUMNS = [
-    ("PGD-EOT ℓ∞ 8/255", "pgd", "Linf", LINF, 200, 20),
-    ("AutoAttack-rand ℓ∞ 8/255", "autoattack-rand", "Linf", LINF, 100, 20),
-    ("worst ℓ∞ 8/255", "worst", "Linf", LINF, 0, 0),
-    ("Square ℓ∞ 8/255", "square", "Linf", LINF, 5000, 1),
-    ("PGD-EOT ℓ2 0.5", "pgd", "L2", L2, 200, 20),
-    ("worst ℓ2 0.5", "worst", "L2", L2, 0, 0),
-    ("unseen: flow ≤ 1 px", "flow", "flow", None, 100, 20),
-    ("unseen: worst ℓ∞ 4/255", "worst", "Linf", 4 / 255, 0, 0),
-    ("unseen: worst ℓ∞ 12/255", "worst", "Linf", 12 / 255, 0, 0),
+    ("PGD-EOT ℓ∞ 8/255", "pgd", "Linf", LINF),
+    ("AutoAttack-rand ℓ∞ 8/255", "autoattack-rand", "Linf", LINF),
+    ("worst ℓ∞ 8/255", "worst", "Linf", LINF),
+    ("Square ℓ∞ 8/255", "square", "Linf", LINF),
+    ("PGD-EOT ℓ2 0.5", "pgd", "L2", L2),
+    ("worst ℓ2 0.5", "worst", "L2", L2),
+    ("unseen: flow ≤ 1 px", "flow", "flow", None),
+    ("unseen: worst ℓ∞ 4/255", "worst", "Linf", 4 / 255),
+    ("unseen: worst ℓ∞ 12/255", "worst", "Linf", 12 / 255),
 ]
 PAPER = """## Published figures (AToP paper, CIFAR-10, RT2, 512 or fewer test images)
 
@@ -129,8 +135,9 @@ def find(result: dict, name: str, norm: str, eps: float | None) -> dict | None:
     return max(hits, key=lambda r: (r["steps"] * r["eot"], r["n_images"]), default=None)
 
 
-def budget(entry: dict, steps: int, eot: int, randomized: bool) -> str:
+def budget(entry: dict, randomized: bool) -> str:
     """'' at the full protocol's budget, else what was run (steps x EOT, images)."""
+    steps, eot = FULL.get((entry["name"], entry["norm"]), (0, 0))
     notes = []
     short = entry["steps"] < steps or (randomized and entry["eot"] < eot)
     if short:
@@ -140,18 +147,15 @@ def budget(entry: dict, steps: int, eot: int, randomized: bool) -> str:
     return ", ".join(notes)
 
 
-def cell(entry: dict | None, steps: int, eot: int, randomized: bool) -> str:
+def cell(entry: dict | None, randomized: bool) -> str:
     if entry is None:
         return "not run"
-    note = budget(entry, steps, eot, randomized)
+    note = budget(entry, randomized)
     return (
         with_ci(entry["accuracy"], entry.get("ci95"), entry.get("n_images"))
         + ("†" if entry.get("cascade_after") else "")
         + (f" ({note})" if note else "")
     )
-
-
-FULL_ATTACKS = {"pgd": (200, 20), "autoattack-rand": (100, 20), "square": (5000, 1), "fgsm": (1, 20)}
 
 
 def worst_cell(result: dict, norm: str, eps: float, randomized: bool) -> str:
@@ -163,25 +167,20 @@ def worst_cell(result: dict, norm: str, eps: float, randomized: bool) -> str:
     hits = [w for w in result.get("worst_case", []) if w["norm"] == norm and close(w["eps"], eps)]
     if not hits:
         return "not run"
-    w = min(hits, key=lambda h: h["accuracy"])
-    covers = [
-        h for h in hits if all(o.get("_runs", frozenset()) <= h.get("_runs", frozenset()) for o in hits)
-    ]
-    if covers:
-        w, hits = min(covers, key=lambda h: h["accuracy"]), [w]
+    covers = [h for h in hits if all(o["_runs"] <= h["_runs"] for o in hits)]
+    exact = bool(covers)
+    w = min(covers or hits, key=lambda h: h["accuracy"])
     notes = []
     names = [a.removesuffix("-eot") for a in w["attacks"]]  # the JSON names attacks as run: pgd-eot
     for name in names:
         e = find(result, name, norm, eps)
-        full = FULL_ATTACKS.get(name)
-        if e is not None and full is not None:
-            b = budget(e, *full, randomized)
-            if b:
-                notes.append(f"{name} {b}")
+        b = budget(e, randomized) if e is not None else ""
+        if b:
+            notes.append(f"{name} {b}")
     if "autoattack-rand" not in names:
         notes.append("no AutoAttack")
     return (
-        ("≤ " if len(hits) > 1 else "")
+        ("" if exact else "≤ ")
         + with_ci(
             w["accuracy"], w.get("ci95"), w.get("n_images") or result.get("protocol", {}).get("n_images")
         )
@@ -217,11 +216,11 @@ def clean_cell(result: dict) -> str:
 def row(label: str, result: dict, ort: dict | None = None) -> str:
     randomized = bool(result.get("target", {}).get("randomized", True))
     cells = [clean_cell(result)]
-    for _, name, norm, eps, steps, eot in COLUMNS:
+    for _, name, norm, eps in COLUMNS:
         if name == "worst":
             cells.append(worst_cell(result, norm, eps, randomized))
         else:
-            cells.append(cell(find(result, name, norm, eps), steps, eot, randomized))
+            cells.append(cell(find(result, name, norm, eps), randomized))
     cells.append(cost_cell(result, ort))
     return f"| {label} | " + " | ".join(cells) + " |"
 
