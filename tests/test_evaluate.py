@@ -243,6 +243,49 @@ def test_store_version_is_attacked_and_recorded(trained, tmp_path):
         run(EvalConfig(data=str(data), classifier=str(clf), n=4, clean_n=4, record=True, sanity=False))
 
 
+@pytest.mark.slow  # one ONNX + TorchScript export, ~10 s
+def test_a_run_resumes_on_the_store_version_of_its_checkpoint_elsewhere(trained, tmp_path, monkeypatch):
+    """A state file begun on a training checkpoint resumes on a fresh machine that has only the
+    store version exported from it (and the purifier in another folder): nothing is attacked
+    again, the numbers are the same. Another classifier file is refused."""
+    import shutil
+
+    from training import export
+    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.classifier import load_classifier
+
+    data, clf, pur = trained
+    common = dict(data=str(data), attacks=("pgd",), eps=0.25, steps=2, eot=2, n=8, clean_n=8, samples=2)
+    common |= dict(batch_size=4, sanity=False, out=str(tmp_path / "run"))
+    first = run(EvalConfig(**common, classifier=str(clf), purifier=str(pur)))
+    store = tmp_path / "store"
+    export.run(export.ExportConfig(str(clf), "none", str(store), name="f"))
+    elsewhere = tmp_path / "elsewhere" / "purifier.safetensors"
+    elsewhere.parent.mkdir()
+    shutil.copy(pur, elsewhere)
+    calls = []
+    real = cascade.run_attack
+    monkeypatch.setattr(cascade, "run_attack", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    moved = EvalConfig(**common, classifier=str(store / "f" / "1"), purifier=str(elsewhere))
+    again = run(moved)
+    assert calls == []  # every batch came from the state file
+    assert again["robust"][0]["accuracy"] == first["robust"][0]["accuracy"]
+    assert again["target"]["source"]["classifier_sha256"] == first["target"]["source"]["classifier_sha256"]
+    assert again["target"]["source"]["classifier"] == str((store / "f" / "1").resolve())
+    fresh = run(EvalConfig(**{**moved.__dict__, "out": str(tmp_path / "fresh")}))
+    assert fresh["robust"][0]["accuracy"] == first["robust"][0]["accuracy"]  # the same weights
+    ck = load_checkpoint(clf)
+    other = save_checkpoint(
+        tmp_path / "other.safetensors",
+        models={"classifier": load_classifier(clf)},
+        config=ck.config,
+        step=7,
+        epoch=0,
+    )
+    with pytest.raises(ValueError, match="different evaluation"):
+        run(EvalConfig(**common, classifier=str(other), purifier=str(pur)))
+
+
 def test_results_table(trained, tmp_path):
     data, clf, pur = trained
     common = dict(data=str(data), classifier=str(clf), n=8, clean_n=8, samples=2, sanity=False)

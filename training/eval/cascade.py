@@ -151,6 +151,18 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 2
 
 
+# Where the attacked files lie (and which store folder carried a checkpoint's weights): recorded
+# in the identity but not compared on resume, so a run continues from a fresh clone elsewhere, or
+# with a classifier restored as a store version; the sha256 of what is attacked must still match.
+LOCATION_KEYS = frozenset({"classifier", "purifier", "store", "classifier_store_manifest_sha256"})
+
+
+def resume_key(identity: dict) -> dict:
+    """The part of an evaluation's identity that must match for a state file to be resumed."""
+    source = {k: v for k, v in (identity.get("source") or {}).items() if k not in LOCATION_KEYS}
+    return identity | {"source": source}
+
+
 class EvalState:
     """The JSON state file: {"identity": ..., "sections": {name: {...}}}, rewritten atomically."""
 
@@ -159,11 +171,17 @@ class EvalState:
         self.data = {"identity": identity, "sections": {}}
         if path is not None and path.is_file():
             saved = json.loads(path.read_text())
-            if saved.get("identity") != identity:
+            if resume_key(saved.get("identity") or {}) != resume_key(identity):
                 raise ValueError(
                     f"{path}: the state file belongs to a different evaluation (other model, subset, "
                     "seed, samples, batch size or evaluator version); delete it or choose another --out"
                 )
+            if saved["identity"] != identity:
+                log.info(
+                    "the attacked files moved since the state was written (same sha256): %s",
+                    identity["source"],
+                )
+                saved["identity"] = identity
             self.data = saved
             log.info("resuming from %s (%d sections)", path, len(saved["sections"]))
 

@@ -189,7 +189,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = EvalConfig(data="")
     a = p.add_argument
     a("--data", required=True, help=f"{DATA_HELP}; its test split is used")
-    a("--classifier", default="", help="classifier checkpoint (checkpoint mode)")
+    a(
+        "--classifier",
+        default="",
+        help="classifier checkpoint (checkpoint mode), or a model-store version folder: its f, "
+        "standing for the training checkpoint its manifest records (a run begun on that checkpoint resumes)",
+    )
     a("--purifier", default="", help="purifier checkpoint: AP (pre-trained) or AToP (fine-tuned)")
     a("--store", default="", help="model-store root (store mode: attack the exported TorchScript file)")
     a("--model", default=d.model, help=f"model name in the store (default {d.model})")

@@ -153,14 +153,19 @@ def from_checkpoints(
     from training.purifier import DefendedPipeline, load_purifier
 
     defense = ("full" if purifier else "none") if defense == "auto" else defense
-    clf_ck = load_checkpoint(classifier)
-    f = _frozen(load_classifier(clf_ck))
+    if Path(classifier).is_dir():
+        f, train, source = _classifier_from_store_folder(Path(classifier))
+    else:
+        clf_ck = load_checkpoint(classifier)
+        f = load_classifier(clf_ck)
+        train = clf_ck.config.get("train", {})
+        source = {
+            "classifier": str(Path(classifier).resolve()),
+            "classifier_sha256": sha256_file(Path(classifier)),
+        }
+    f = _frozen(f)
     known = {"classes": tuple(f.cfg.classes), "image_size": f.cfg.image_size}
-    at = adversarially_trained(clf_ck.config.get("train", {}))
-    source = {
-        "classifier": str(Path(classifier).resolve()),
-        "classifier_sha256": sha256_file(Path(classifier)),
-    }
+    at = adversarially_trained(train)
     saved = stage = None
     if purifier:
         pur_ck = load_checkpoint(purifier)
@@ -180,6 +185,28 @@ def from_checkpoints(
         raise ValueError("--defense full needs --purifier")
     pipe = _frozen(DefendedPipeline(g, f, rt))
     return Target(_role_from_purifier(stage), f, pipe, rt, at, source, **known)
+
+
+def _classifier_from_store_folder(folder: Path) -> tuple[nn.Module, dict, dict]:
+    """The classifier f of a model-store version folder given as ``--classifier`` (its weights
+    from the verified TorchScript file), its training config, and its source. The source names
+    the training checkpoint the version was exported from (the sha256 its manifest records): the
+    version holds that checkpoint's weights (export checks the parity), so an evaluation begun on
+    the checkpoint resumes on the folder, on a machine that never had the checkpoint."""
+    from model_store import verify
+    from training.classifier import classifier_from_store
+
+    manifest = verify(folder)  # every file's sha256, before anything is read
+    recipe = (manifest.get("provenance", {}).get("recipe") or {}).get("classifier") or {}
+    if not recipe.get("sha256"):
+        raise ValueError(f"{folder}: the manifest does not record the classifier checkpoint's sha256")
+    f = classifier_from_store(folder)
+    source = {
+        "classifier": str(folder.resolve()),
+        "classifier_sha256": recipe["sha256"],
+        "classifier_store_manifest_sha256": manifest.get("manifest_sha256", ""),
+    }
+    return f, recipe.get("config", {}).get("train", {}), source
 
 
 def from_store(root: str, name: str, version: int | None, defense: str = "auto") -> Target:
