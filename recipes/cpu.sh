@@ -141,7 +141,7 @@ stage finetune-2 atop train finetune --data "$DATA" --epochs 2 --adv pgd --adv-s
 
 # A quick PGD-EOT check of AP (pre-trained purifier) and AToP (fine-tuned), same attack: 50 steps
 # of 2/255 (20 steps of 1/255 left the bare adapted f at 8.6%, failing the sanity check), EOT 8.
-# The reported table comes from recipes/eval_full.sh (the full protocol, hours per row).
+# The reported table comes from the full protocol (recipes/eval_full.sh, hours per row).
 check() {  # check NAME CLASSIFIER PURIFIER_STAGE : writes RUNS/NAME.{json,md} unless present
   local out="$RUNS/$1"
   if [ -f "$out.json" ]; then echo "[$1] done, skipping"; return; fi
