@@ -48,7 +48,7 @@ V8=$(restore 8 1e7ae4dafd30b4715acbfc67435357f32a4c9f93)  # last commit holding 
 declare -A SOURCE=(
   [atop-at]="--classifier $V8 --purifier $ATOP_AT"
   [ap-at]="--classifier $V8 --purifier $AP"
-  [v6]="--store runs/v6/model_store --version 6"
+  [v6]="--store ${V6%/cifar10-atop/6} --version 6"
   [ap-v6]="--classifier $V6 --purifier $AP"
 )
 declare -A PROTOCOL=(

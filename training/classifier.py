@@ -234,16 +234,17 @@ def classifier_config(ck) -> ClassifierConfig:
     return classifier_config_from(ck.config, ck.path)
 
 
-def classifier_from_store(folder) -> nn.Module:
+def classifier_from_store(folder, manifest: dict | None = None) -> nn.Module:
     """The classifier f inside a published model-store version: its architecture from the
     manifest's provenance (the training checkpoint's config), its weights from the version's
-    TorchScript file, after the version's checksums are verified. So a published version is
-    enough to build on (e.g. to fine-tune a purifier over its f) without keeping the training
+    TorchScript file, after the version's checksums are verified (``manifest``: what ``verify``
+    already returned for this folder, so its files are not hashed twice). So a published version
+    is enough to build on (e.g. to fine-tune a purifier over its f) without keeping the training
     checkpoint's weights in the repository as well."""
     from model_store import verify
     from training.checkpoint import quiet_jit
 
-    manifest = verify(folder)
+    manifest = manifest if manifest is not None else verify(folder)
     recipe = (manifest.get("provenance", {}).get("recipe") or {}).get("classifier") or {}
     ts = (manifest.get("graph") or {}).get("torchscript")
     if "config" not in recipe or ts is None:

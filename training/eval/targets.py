@@ -200,7 +200,7 @@ def _classifier_from_store_folder(folder: Path) -> tuple[nn.Module, dict, dict]:
     recipe = (manifest.get("provenance", {}).get("recipe") or {}).get("classifier") or {}
     if not recipe.get("sha256"):
         raise ValueError(f"{folder}: the manifest does not record the classifier checkpoint's sha256")
-    f = classifier_from_store(folder)
+    f = classifier_from_store(folder, manifest)
     source = {
         "classifier": str(folder.resolve()),
         "classifier_sha256": recipe["sha256"],
