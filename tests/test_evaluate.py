@@ -169,6 +169,62 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(trained, tmp_path, monke
         run(EvalConfig(**{**common, "seed": 1}, out=str(tmp_path / "cut")))
 
 
+def test_a_prefilter_leaves_the_costly_attack_only_its_survivors(trained):
+    """--prefilter: the cheap PGD runs first on every clean-correct image, the costly one only on
+    the images it left robust; the costly figure is cumulative (after the prefilter) and so never
+    above the prefilter's; the undefended check still uses the strongest PGD, not the cheap one."""
+    data, clf, _ = trained
+    common = dict(data=str(data), classifier=str(clf), n=48, clean_n=16, eps=0.25, steps=8, batch_size=16)
+    res = run(EvalConfig(**common, prefilter=(4, 1)))
+    cheap, costly = res["robust"]
+    assert (cheap["steps"], costly["steps"]) == (4, 8) and res["protocol"]["prefilter"] == {
+        "steps": 4,
+        "eot": 1,
+    }
+    assert cheap["cascade_after"] == [] and costly["cascade_after"] == ["pgd"]
+    survivors = round(cheap["accuracy"] * 48)
+    assert cheap["broken"] > 0 and costly["attacked"] == survivors < cheap["attacked"]
+    assert costly["accuracy"] <= cheap["accuracy"]
+    (worst,) = res["worst_case"]
+    assert worst["accuracy"] == costly["accuracy"] and worst["attacks"] == ["pgd", "pgd"]
+    check = next(c for c in res["sanity"]["checks"] if c["name"] == "undefended_pgd")
+    assert check["values"]["steps"] == 8 and "PGD-8 " in check["detail"]
+    # without the prefilter the costly attack alone attacks every clean-correct image
+    alone = run(EvalConfig(**common))["robust"][0]
+    assert alone["attacked"] == cheap["attacked"]
+    with pytest.raises(ValueError, match="cascade"):
+        run(EvalConfig(**common, prefilter=(1, 1), cascade=False))
+
+
+def test_prefilter_placement_and_step():
+    """Before PGD l-inf, PGD l2 and flow of the full protocol, not before FGSM (alone, 1 step),
+    AutoAttack (adaptive step) or Square (queries); the cheap step is the costly one's scaled to
+    the fewer steps, at most eps/4."""
+    from training.eval import protocol
+
+    base = protocol.leekim()
+    pre = base.with_prefilter(50, 8)
+    names = [(s.name, s.norm, s.steps, s.eot) for s in pre.attacks]
+    assert names == [
+        ("fgsm", "linf", 1, 20),
+        ("pgd", "linf", 50, 8),
+        ("pgd", "linf", 200, 20),
+        ("autoattack-rand", "linf", 100, 20),
+        ("square", "linf", 5000, 1),
+        ("pgd", "l2", 50, 8),
+        ("pgd", "l2", 200, 20),
+        ("flow", "flow", 50, 8),
+        ("flow", "flow", 100, 20),
+    ]
+    assert all(s.cascade for s in pre.attacks if s.name in ("pgd", "flow"))
+    linf, l2, flow = (s for s in pre.attacks if s.steps == 50)
+    assert linf.alpha == pytest.approx(min(0.007 * 4, 8 / 255 / 4)) == pytest.approx(8 / 255 / 4)
+    assert l2.alpha == pytest.approx(0.125)  # 0.1 x 4 = 0.4, capped at 0.5/4
+    assert flow.alpha == pytest.approx(2.5 * 1.0 / 100 * 2)  # flow's default step, scaled
+    assert pre.deterministic().prefilter == (50, 8) and pre.to_dict()["prefilter"] == {"steps": 50, "eot": 8}
+    assert base.with_prefilter(500, 40).attacks == base.attacks  # nothing costs more than the prefilter
+
+
 def test_baselines_from_the_same_checkpoints(trained, tmp_path):
     from training.checkpoint import load_checkpoint, save_checkpoint
     from training.classifier import load_classifier
@@ -371,7 +427,15 @@ def test_docs_results_table_is_the_committed_jsons():
 
 @pytest.mark.parametrize(
     "flag,value",
-    [("--clean-n", "0"), ("--n", "0"), ("--samples", "0"), ("--steps", "-1"), ("--sweep-n", "-1")],
+    [
+        ("--clean-n", "0"),
+        ("--n", "0"),
+        ("--samples", "0"),
+        ("--steps", "-1"),
+        ("--sweep-n", "-1"),
+        ("--prefilter", "50"),
+        ("--prefilter", "0x8"),
+    ],
 )
 def test_counts_out_of_range_are_usage_errors_before_any_work(flag, value, capsys):
     """--clean-n 0 used to run the whole attack, then die dividing by zero with a traceback."""
@@ -379,4 +443,5 @@ def test_counts_out_of_range_are_usage_errors_before_any_work(flag, value, capsy
         atop(["eval", "--data", "nowhere", "--store", "nowhere", flag, value])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument {flag}: must be at least" in err and "Traceback" not in err
+    assert f"argument {flag}: " in err and ("must be at least" in err or "STEPSxEOT" in err)
+    assert "Traceback" not in err

@@ -39,6 +39,16 @@ def answer_text(answer: dict | None) -> str:
     return f", {pct(answer['accuracy'])} answering with samples={answer['samples']} (softmax mean)"
 
 
+def prefilter_text(pre: dict | None) -> str:
+    if not pre:
+        return ""
+    return (
+        f" Prefilter {pre['steps']}x{pre['eot']}: each costlier PGD or flow attack follows the same attack "
+        "at that budget and attacks only its survivors, so its figure is cumulative: the worst case "
+        "over both (the same quantity as the worst-case line below)."
+    )
+
+
 def markdown(result: dict) -> str:
     t, p, s = result["target"], result["protocol"], result["sanity"]
     sub = result["clean_accuracy_subset"]
@@ -55,7 +65,8 @@ def markdown(result: dict) -> str:
         f"{answer_text(result.get('clean_accuracy_answer'))}; on the attacked subset ({sub['n_images']} "
         f"images, seed {p['subset_seed']}): {pct(sub['vote'])}{ci_text(sub.get('ci95'))} by vote.",
         f"* Protocol: `{p['preset']}`. Attacks of one threat model cascade in the order listed (each "
-        "sees only the images still robust); 'alone' rows attack every clean-correct image.",
+        "sees only the images still robust); 'alone' rows attack every clean-correct image."
+        + prefilter_text(p.get("prefilter")),
         f"* Scoring (headline = vote): vote: {result['scoring']['vote']}; single: "
         f"{result['scoring']['single']}; fixed: {result['scoring']['fixed']}.",
         "* Robust (vote) is the best iterate for pgd, cw and flow (per image, the iterate the attack "

@@ -80,14 +80,21 @@ def eot_policy(attacks, randomized: bool, force: bool) -> None:
 
 
 def undefended_pgd(
-    acc: float | None, n: int, zero_tol: float, skip: str = "", eps: float | None = None
+    acc: float | None,
+    n: int,
+    zero_tol: float,
+    skip: str = "",
+    eps: float | None = None,
+    steps: int | None = None,
 ) -> Check:
     if skip or acc is None:
         return Check("undefended_pgd", SKIPPED, skip or "no PGD result for the bare classifier")
     ok = acc <= zero_tol
     at = f" at linf {eps * 255:.3g}/255" if eps is not None else ""
-    detail = f"bare classifier under PGD{at}: {acc:.1%} on {n} images (must be <= {zero_tol:.0%})"
+    name = f"PGD-{steps}" if steps else "PGD"
+    detail = f"bare classifier under {name}{at}: {acc:.1%} on {n} images (must be <= {zero_tol:.0%})"
     values = {"accuracy": acc, "n_images": n} | ({"eps": eps} if eps is not None else {})
+    values |= {"steps": steps} if steps else {}
     return Check("undefended_pgd", PASS if ok else FAIL, detail, values)
 
 
