@@ -169,13 +169,20 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(trained, tmp_path, monke
         run(EvalConfig(**{**common, "seed": 1}, out=str(tmp_path / "cut")))
 
 
-def test_a_prefilter_leaves_the_costly_attack_only_its_survivors(trained):
+def test_a_prefilter_leaves_the_costly_attack_only_its_survivors(trained, tmp_path):
     """--prefilter: the cheap PGD runs first on every clean-correct image, the costly one only on
     the images it left robust; the costly figure is cumulative (after the prefilter) and so never
-    above the prefilter's; the undefended check still uses the strongest PGD, not the cheap one."""
+    above the prefilter's; the undefended check still uses the strongest PGD, not the cheap one;
+    the convergence check's 2x variants attack only the prefilter's survivors in its subset."""
     data, clf, _ = trained
     common = dict(data=str(data), classifier=str(clf), n=48, clean_n=16, eps=0.25, steps=8, batch_size=16)
-    res = run(EvalConfig(**common, prefilter=(4, 1)))
+    res = run(EvalConfig(**common, prefilter=(4, 1), convergence_n=48, out=str(tmp_path / "pre")))
+    conv = next(c for c in res["sanity"]["checks"] if c["name"] == "convergence")
+    sections = json.loads((tmp_path / "pre.state.json").read_text())["sections"]
+    (attacked,) = [len(v["targets"]) for k, v in sections.items() if k.startswith("convergence/")]
+    assert f"after its 4x1 prefilter ({attacked} of 48 left)" in conv["detail"] and 0 < attacked < 48
+    assert conv["values"]["n_images"] == 48 and conv["values"]["steps_x2"] <= attacked / 48
+    assert attacked == res["robust"][1]["attacked"]  # the subset is every image: the same survivors
     cheap, costly = res["robust"]
     assert (cheap["steps"], costly["steps"]) == (4, 8) and res["protocol"]["prefilter"] == {
         "steps": 4,

@@ -185,6 +185,11 @@ def _bare_check(cfg, target, proto, x, y, state) -> sanity.Check:
 
 
 def _convergence(cfg, target, proto, x, y, clean, scorer, state, main) -> sanity.Check:
+    """PGD against itself with 2x steps and 2x EOT on the first ``convergence_n`` clean-correct
+    images. Under ``--prefilter`` the PGD follows its cheap copy, so the comparison keeps that:
+    the variants attack the images of the subset the prefilter left robust (the same per-image
+    prefilter results as the main run), and an image the prefilter broke counts as broken on
+    both sides; only the costly attack's budget differs."""
     base_spec = proto.convergence
     sub = (clean.vote > 0.5).nonzero().flatten()[: proto.convergence_n]
     if base_spec is None or not len(sub):
@@ -194,18 +199,54 @@ def _convergence(cfg, target, proto, x, y, clean, scorer, state, main) -> sanity
     if target.randomized:
         runs.append(base_spec.replace(eot=2 * base_spec.eot, cascade=False))
     reuse = [o for o in main if o.spec == base_spec and not o.cascade_after]
-    if not reuse:
+    chain = _after_prefilter(proto, main, base_spec)
+    attacked = sub
+    if chain is not None:
+        cheap, costly = chain
+        attacked = sub[cheap.after.vote[sub] > 0.5]  # the prefilter's survivors in the subset
+    elif not reuse:
         runs.insert(0, base_spec.replace(cascade=False))
     kw = dict(name="convergence", seed=cfg.seed, batch_size=cfg.batch_size)
-    outs = run_attacks(tuple(runs), target, x[sub], y[sub], clean.take(sub), scorer.subset(sub), state, **kw)
-    accs = [float(o.after.vote.mean()) for o in outs]
-    if reuse:
+    outs = run_attacks(
+        tuple(runs),
+        target,
+        x[attacked],
+        y[attacked],
+        clean.take(attacked),
+        scorer.subset(attacked),
+        state,
+        **kw,
+    )
+    accs = [float(o.after.vote.sum()) / n for o in outs]
+    if chain is not None:
+        accs.insert(0, float(chain[1].after.vote[sub].mean()))
+    elif reuse:
         full = torch.zeros(len(y))
         full[reuse[0].targets] = reuse[0].alone.vote
         accs.insert(0, float(full[sub].mean()))
-    return sanity.convergence(
-        accs[0], accs[1], accs[2] if target.randomized else None, n, base_spec.label(target.randomized)
-    )
+    label = base_spec.label(target.randomized)
+    if chain is not None:
+        label += (
+            f" after its {proto.prefilter[0]}x{proto.prefilter[1]} prefilter ({len(attacked)} of {n} left)"
+        )
+    return sanity.convergence(accs[0], accs[1], accs[2] if target.randomized else None, n, label)
+
+
+def _after_prefilter(proto, main, spec) -> tuple | None:
+    """(the prefilter's outcome, the costly attack's) when ``spec`` ran right after its
+    ``--prefilter`` copy and after nothing else; None otherwise."""
+    if proto.prefilter is None:
+        return None
+    for cheap, o in zip(main, main[1:], strict=False):
+        same_attack = (cheap.spec.name, cheap.spec.threat) == (spec.name, spec.threat)
+        if (
+            o.spec == spec
+            and len(o.cascade_after) == 1
+            and same_attack
+            and cheap.spec.steps == proto.prefilter[0]
+        ):
+            return cheap, o
+    return None
 
 
 def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> dict:
