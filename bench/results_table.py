@@ -90,7 +90,8 @@ def close(a: float, b: float | None) -> bool:
 def identity(result: dict) -> dict:
     """What a row's files must share: the attacked files, the images and the answer rule."""
     source = result.get("target", {}).get("source", {})
-    files = {k: v for k, v in source.items() if k.endswith("sha256") and k != "manifest_sha256"}
+    # a store folder given as --classifier adds its manifest's sha256 beside the weights' own
+    files = {k: v for k, v in source.items() if k.endswith("sha256") and not k.endswith("manifest_sha256")}
     p = result.get("protocol", {})
     return {
         "files": sorted(files.values()),
@@ -235,15 +236,17 @@ def protocol_line(label: str, result: dict) -> str:
             + (f" (after {', '.join(r['cascade_after'])})" if r.get("cascade_after") else "")
             for r in part.get("robust", [])
         )
-        sane = (
-            "all sanity checks passed"
-            if s.get("all_passed")
-            else f"**sanity checks FAILED: {', '.join(s.get('failed', []))}**"
-        )
+        if part.get("partial"):
+            pending = ", ".join(part.get("pending_attacks") or []) or "none of the main attacks"
+            sane = f"**partial: the run is still going** (pending: {pending}; sanity checks come at its end)"
+        elif s.get("all_passed"):
+            sane = "all sanity checks passed"
+        else:
+            sane = f"**sanity checks FAILED: {', '.join(s.get('failed', []))}**"
         where = f"`{path}`: " if path else ""
         lines.append(
             f"{where}preset `{p.get('preset', '?')}`, {p.get('n_images', '?')} images (subset seed "
-            f"{p.get('subset_seed', '?')}), clean on {part.get('n_images', '?')}; {attacks}; {sane}; "
+            f"{p.get('subset_seed', '?')}), clean on {part.get('n_images') or '–'}; {attacks}; {sane}; "
             f"wall {hours(part.get('wall_s', 0))}"
         )
     role = result.get("target", {}).get("description", "")
@@ -278,7 +281,9 @@ def table(rows: list[tuple[str, dict]], costs: dict[str, dict] | None = None) ->
     failed = [
         label
         for label, r in rows
-        if not all(p.get("sanity", {}).get("all_passed", False) for p in r.get("_parts", [r]))
+        if not all(
+            p.get("sanity", {}).get("all_passed", False) or p.get("partial") for p in r.get("_parts", [r])
+        )
     ]
     if failed:
         lines += ["", f"> **WARNING: sanity checks failed for {', '.join(failed)}; see their reports.**"]

@@ -25,6 +25,10 @@
 # it saves most of the PGD-200 and flow work. A run begun without it keeps its protocol
 # (NO_PREFILTER lists them), so its committed state is not thrown away.
 #
+# PARTIAL=1: attack nothing; for every queued run with a state file and no JSON yet, write
+# OUT/<name>.partial.json/.md, the attacks it has finished (atop eval --partial; safe while the
+# run goes on), which docs/results_table.args can list until the run ends.
+#
 # Knobs: JOBS (evaluations at a time, 2), THREADS (torch threads each, 1), DEVICE (cpu | cuda),
 # BATCH (64), PREFILTER (50x8; "none" to run every attack alone on every image), ONLY
 # (comma-separated rows or evaluations, e.g. ONLY=atop-at,eval-v6-leekim; default all, in
@@ -38,6 +42,7 @@ DEVICE=${DEVICE:-cpu}
 BATCH=${BATCH:-64}
 ONLY=${ONLY:-}
 PREFILTER=${PREFILTER:-50x8}
+PARTIAL=${PARTIAL:-}
 NO_PREFILTER=" eval-atop-at-leekim "  # begun before the prefilter existed
 N=${N:-512}
 OUT=${OUT:-artifacts/cifar10-cpu}
@@ -73,6 +78,14 @@ one() {  # one ROW PROTOCOL : one `atop eval`, skipped when its JSON exists
   if [ -f "$OUT/$name.json" ]; then echo "[$name] done, skipping"; return; fi
   local pre=()
   if [ "$PREFILTER" != none ] && [[ "$NO_PREFILTER" != *" $name "* ]]; then pre=(--prefilter "$PREFILTER"); fi
+  if [ -n "$PARTIAL" ]; then  # the report of what its state has finished, with the run's own flags
+    if [ ! -f "$OUT/$name.state.json" ]; then return; fi
+    # shellcheck disable=SC2086
+    atop eval --data "$DATA" ${SOURCE[$1]} ${PROTOCOL[$2]} "${pre[@]}" --n "$N" --samples 2 --device "$DEVICE" \
+      --batch-size "$BATCH" --threads 1 --out "$OUT/$name" --partial > /dev/null &&
+      echo "[$name] partial report: $OUT/$name.partial.json"
+    return
+  fi
   echo "[$name] $(date -u +%FT%TZ) started ${pre[*]} (log runs/$name.log)"
   # shellcheck disable=SC2086  # the two tables hold word lists
   if OMP_NUM_THREADS=$THREADS atop eval --data "$DATA" ${SOURCE[$1]} ${PROTOCOL[$2]} "${pre[@]}" --n "$N" --samples 2 \
@@ -97,6 +110,11 @@ for protocol in leekim linf4 linf12 l2aa; do
   done
 done
 wait
+if [ -n "$PARTIAL" ]; then
+  echo "partial reports written; list them in docs/results_table.args until their runs end, then"
+  echo "  python bench/results_table.py @docs/results_table.args --update docs/results.md"
+  exit 0
+fi
 echo "done: add the finished JSONs to their rows in docs/results_table.args, then"
 echo "  python bench/results_table.py @docs/results_table.args --update docs/results.md"
 grep -l "SANITY CHECK FAILED" runs/eval-*.log 2>/dev/null | sed 's/^/WARNING: sanity failures in /' || true

@@ -232,6 +232,49 @@ def test_prefilter_placement_and_step():
     assert base.with_prefilter(500, 40).attacks == base.attacks  # nothing costs more than the prefilter
 
 
+def test_a_partial_report_shows_the_finished_attacks_of_a_run_still_going(trained, tmp_path, monkeypatch):
+    """--partial: a run stopped inside its second attack reports its first, with the numbers the
+    whole run gives, lists the second as pending, never writes the state file (the run may be
+    going on beside it) nor OUT.json (which marks a finished run); the table shows it as partial."""
+    data, clf, pur = trained
+    common = dict(data=str(data), classifier=str(clf), purifier=str(pur), attacks=("pgd", "square"))
+    common |= dict(eps=0.25, steps=2, eot=2, square_queries=20, n=16, clean_n=8, samples=2, batch_size=4)
+    reference = run(EvalConfig(**common, sanity=False, out=str(tmp_path / "ref")))
+    pgd_batches = -(-reference["robust"][0]["attacked"] // 4)
+    real, calls = cascade.run_attack, []
+
+    def dies_in_square(*a, **kw):
+        calls.append(1)
+        if len(calls) == pgd_batches + 1:
+            raise Killed("the machine went down")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cascade, "run_attack", dies_in_square)
+    out = tmp_path / "cut"
+    with pytest.raises(Killed):
+        run(EvalConfig(**common, out=str(out)))
+    state = (tmp_path / "cut.state.json").read_bytes()
+    calls.clear()
+    part = run(EvalConfig(**common, out=str(out), partial=True))
+    assert not calls and (tmp_path / "cut.state.json").read_bytes() == state  # nothing attacked or written
+    assert not (tmp_path / "cut.json").exists() and (tmp_path / "cut.partial.json").is_file()
+    assert part["partial"] and part["pending_attacks"] == ["square linf 20x1"]
+    (pgd,) = part["robust"]
+    assert pgd["accuracy"] == reference["robust"][0]["accuracy"] and pgd["attack"] == "pgd-eot"
+    assert part["worst_case"][0]["attacks"] == ["pgd-eot"]
+    assert "Partial report" in (tmp_path / "cut.partial.md").read_text()
+    table = subprocess.run(
+        [sys.executable, "bench/results_table.py", "--row", f"AToP={tmp_path / 'cut.partial.json'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "partial: the run is still going" in table and "sanity checks failed" not in table
+    with pytest.raises(FileNotFoundError, match="no state file"):
+        run(EvalConfig(**common, out=str(tmp_path / "never"), partial=True))
+
+
 def test_baselines_from_the_same_checkpoints(trained, tmp_path):
     from training.checkpoint import load_checkpoint, save_checkpoint
     from training.classifier import load_classifier

@@ -269,17 +269,32 @@ def run_attacks(
     name: str,
     seed: int,
     batch_size: int,
+    finished_only: bool = False,
 ) -> list[Outcome]:
-    """Run ``specs`` in order (cascading within a threat model), resuming from ``state``."""
+    """Run ``specs`` in order (cascading within a threat model), resuming from ``state``.
+    ``finished_only``: attack nothing; the outcomes of the attacks ``state`` has finished (an
+    attack of a cascade after an unfinished one is left out too: its images are not known)."""
     worst: dict[tuple, Scores] = {}
     history: dict[tuple, list[AttackSpec]] = {}
+    blocked: set[tuple] = set()
     outcomes = []
     for spec in specs:
         label = spec.label(target.randomized)
         earlier = history.get(spec.threat, []) if spec.cascade else []
         before = ",".join(e.key for e in earlier)
         base = worst.get(spec.threat, clean) if spec.cascade else clean
-        sec = state.section(f"{name}/{spec.key}/after:{before}")
+        key = f"{name}/{spec.key}/after:{before}"
+        if finished_only:
+            sec = state.data["sections"].get(key, {})
+            n_chunks = -(-len(sec.get("targets", [])) // batch_size)
+            if (
+                (spec.cascade and spec.threat in blocked)
+                or "targets" not in sec
+                or len(sec["done"]) < n_chunks
+            ):
+                blocked |= {spec.threat} if spec.cascade else set()
+                continue
+        sec = state.section(key)
         if "targets" not in sec:
             sec.update(targets=(base.vote > 0.5).nonzero().flatten().tolist(), done={})
         targets = torch.tensor(sec["targets"], dtype=torch.long)

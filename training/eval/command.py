@@ -32,7 +32,7 @@ from training.checkpoint import atomic_path
 from training.data import DATA_HELP
 from training.eval import protocol
 from training.eval.attacks import ATTACKS
-from training.eval.evaluate import evaluate
+from training.eval.evaluate import evaluate, partial_report
 from training.eval.plot import report_png
 from training.eval.record import merge_robust, record
 from training.eval.report import markdown, svg_plot
@@ -77,6 +77,7 @@ class EvalConfig:
     zero_tol: float = 0.05  # "~0%" in the sanity checks
     force: bool = False  # allow EOT 1 on a randomized model
     record: bool = False
+    partial: bool = False  # report the attacks the state file has finished, attack nothing
     serve_samples: bool = False  # with record: the new version answers with `samples` draws by default
 
 
@@ -136,6 +137,8 @@ def run(cfg: EvalConfig) -> dict:
         raise ValueError("--serve-samples sets the recorded version's default; it needs --record")
     target = build_target(cfg)
     paths = output_paths(cfg.out)
+    if cfg.partial:
+        return _partial(cfg, target, paths)
     result = evaluate(cfg, target, build_protocol(cfg), paths and paths[".state.json"])
     result |= {"config": asdict(cfg)}
     if paths:
@@ -147,6 +150,28 @@ def run(cfg: EvalConfig) -> dict:
     if cfg.record:
         mv = record(result, serving_samples=cfg.samples if cfg.serve_samples else None)
         result["recorded_as"] = {"model": mv.name, "version": mv.version, "path": str(mv.path)}
+    return result
+
+
+def _partial(cfg: EvalConfig, target: Target, paths: dict[str, Path] | None) -> dict:
+    """OUT.partial.json and .md from OUT.state.json; never OUT.json, which marks a finished run
+    (recipes/eval_full.sh skips an evaluation whose JSON exists)."""
+    if paths is None or cfg.record:
+        raise ValueError(
+            "--partial reads the state file of --out OUT and writes OUT.partial.json; it cannot --record"
+        )
+    result = partial_report(cfg, target, build_protocol(cfg), paths[".state.json"]) | {"config": asdict(cfg)}
+    base = paths[".json"].with_suffix("")
+    out = base.with_name(base.name + ".partial.json")
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    log.info(
+        "wrote %s and .md: %d finished attacks; pending: %s",
+        out,
+        len(result["robust"]),
+        result["pending_attacks"],
+    )
     return result
 
 
@@ -287,6 +312,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --record: the new version's manifest sets serving.samples = --samples, so a request "
         "without the option gets the answer whose accuracy the vote figures measured",
     )
+    a(
+        "--partial",
+        action="store_true",
+        help="attack nothing: report what the run's state file (OUT.state.json) has finished so far, to "
+        "OUT.partial.json/.md, with the same flags as the run; safe beside the running evaluation",
+    )
     a("--strict", action="store_true", help="exit 3 if a sanity check fails")
     a("--estimate", action="store_true", help="measure per-image costs, print the protocol's wall time, exit")
     a("--device", default=d.device, help="cpu (default) or cuda: where the models and images live")
@@ -330,4 +361,4 @@ def main(args: argparse.Namespace) -> int:
             f"recorded as {rec['model']} version {rec['version']} ({rec['path']}): a new version;"
             " a running `atop serve` on this store swaps to it at its next poll"
         )
-    return 3 if args.strict and not result["sanity"]["all_passed"] else 0
+    return 3 if args.strict and not result.get("partial") and not result["sanity"]["all_passed"] else 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -249,12 +250,24 @@ def _after_prefilter(proto, main, spec) -> tuple | None:
     return None
 
 
-def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> dict:
-    t0 = time.time()
+@dataclass
+class _Run:
+    """What every report of one evaluation shares: its images, the state, the scorer, the clean scores."""
+
+    test: object  # the test split
+    x: torch.Tensor
+    y: torch.Tensor
+    detected: bool
+    proto: Protocol
+    state: EvalState
+    scorer: Scorer
+    checks: list
+
+
+def _start(cfg, target: Target, proto: Protocol, state_path: Path | None) -> _Run:
     test = load_split(cfg.data, "test", size=target.image_size, classes=target.classes or None)
     split = test.subset(cfg.n, seed=cfg.seed)
     x, y = (split.images.float() / 255).to(cfg.device), split.labels.to(cfg.device)
-    n = len(y)
     detected, diff = sanity.detect_randomized(
         target.stochastic(torch.Generator().manual_seed(cfg.seed)), x[:8]
     )
@@ -266,7 +279,32 @@ def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> d
     identity |= {k: getattr(cfg, k) for k in ("data", "n", "seed", "samples", "batch_size")}
     identity["evaluator"] = EVALUATOR_VERSION
     state = EvalState(state_path, identity)
-    scorer = Scorer(target, cfg.samples, n, derive_seed(cfg.seed, "fixed"), cfg.device)
+    scorer = Scorer(target, cfg.samples, len(y), derive_seed(cfg.seed, "fixed"), cfg.device)
+    return _Run(test, x, y, detected, proto, state, scorer, checks)
+
+
+def _result(cfg, target: Target, run: _Run, clean: Scores, main: list, sweep: list) -> dict:
+    n, detected = len(run.y), run.detected
+    m = min(run.proto.sweep_n or n, n)
+    k = cfg.samples if target.randomized else 1
+    return {
+        "clean_accuracy_subset": clean.means() | {"n_images": n, "ci95": interval(clean.vote)},
+        "target": {"role": target.role, "description": target.description, "randomized": detected}
+        | {"source": target.source, "rt": target.spec.to_dict() if target.spec else None},
+        "scoring": ({r: t.format(k=k) for r, t in SCORING.items()} if detected else DETERMINISTIC)
+        | {"samples": k, "headline": "vote", "iterate": ITERATE, "intervals": INTERVALS},
+        "protocol": run.proto.to_dict() | {"n_images": n, "subset_seed": cfg.seed},
+        "robust": [entry(o, n, detected) for o in main],
+        "worst_case": worst_cases(main, clean),
+        "sweep": [entry(o, m, detected) for o in sweep],
+    }
+
+
+def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> dict:
+    t0 = time.time()
+    run = _start(cfg, target, proto, state_path)
+    proto, x, y, state, scorer = run.proto, run.x, run.y, run.state, run.scorer
+    n = len(y)
     clean = clean_scores(scorer, x, y, state, "main", cfg.seed, cfg.batch_size)
     kw = dict(seed=cfg.seed, batch_size=cfg.batch_size)
     main = run_attacks(proto.attacks, target, x, y, clean, scorer, state, name="main", **kw)
@@ -283,6 +321,7 @@ def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> d
         name="sweep",
         **kw,
     )
+    checks = run.checks
     if cfg.sanity:
         checks.append(_bare_check(cfg, target, proto, x, y, state))
         if proto.convergence_n:
@@ -293,7 +332,7 @@ def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> d
             pts.setdefault(o.spec.norm, []).append((o.spec.eps, o.after.means()["vote"]))
         checks += sanity.eps_sweep(pts, float(clean.vote[:m].mean()), m, cfg.zero_tol)
     k = cfg.samples if target.randomized else 1
-    big = clean_accuracy(target, test, cfg.clean_n, cfg.seed, cfg.device, k)
+    big = clean_accuracy(target, run.test, cfg.clean_n, cfg.seed, cfg.device, k)
     return {
         "clean_accuracy": big["accuracy"],
         "clean_ci95": big["ci95"],
@@ -301,17 +340,43 @@ def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> d
         "clean_protocol": "top-1, one fresh RT draw per image (the mean over the randomness)",
         "clean_accuracy_answer": {"accuracy": big["answer"], "samples": k, "n_images": big["n"]}
         | {"ci95": big["answer_ci95"]}
-        | {"rule": SCORING["vote"].format(k=k) if detected else DETERMINISTIC["vote"]},
-        "clean_accuracy_subset": clean.means() | {"n_images": n, "ci95": interval(clean.vote)},
-        "target": {"role": target.role, "description": target.description, "randomized": detected}
-        | {"source": target.source, "rt": target.spec.to_dict() if target.spec else None},
-        "scoring": ({r: t.format(k=k) for r, t in SCORING.items()} if detected else DETERMINISTIC)
-        | {"samples": k, "headline": "vote", "iterate": ITERATE, "intervals": INTERVALS},
-        "protocol": proto.to_dict() | {"n_images": n, "subset_seed": cfg.seed},
-        "robust": [entry(o, n, detected) for o in main],
-        "worst_case": worst_cases(main, clean),
-        "sweep": [entry(o, m, detected) for o in sweep],
+        | {"rule": SCORING["vote"].format(k=k) if run.detected else DETERMINISTIC["vote"]},
+        **_result(cfg, target, run, clean, main, sweep),
         "sanity": sanity.summarize(checks),
         "cost": measure_cost(target, x[: min(n, cfg.batch_size)], y[: min(n, cfg.batch_size)], cfg.samples),
         "wall_s": round(time.time() - t0, 1),
+    }
+
+
+PENDING = "the run has not ended: its sanity checks, ε sweep, clean accuracy on the clean set and cost come with its final report"
+
+
+def partial_report(cfg, target: Target, proto: Protocol, state_path: Path) -> dict:
+    """The report of what a run's state file has finished so far, without attacking anything and
+    without writing the state (the run may be going on beside it): the finished attacks, with
+    intervals and their cascade, and the worst case over them. Marked ``partial``."""
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{state_path}: no state file, so nothing to report (start the run first)")
+    run = _start(cfg, target, proto, state_path)
+    run.state.path = None  # read only: the running evaluation owns the file
+    if "scores" not in run.state.data["sections"].get("main/clean", {}):
+        raise ValueError(f"{state_path}: the run has not scored its clean images yet; nothing to report")
+    clean = clean_scores(run.scorer, run.x, run.y, run.state, "main", cfg.seed, cfg.batch_size)
+    kw = dict(seed=cfg.seed, batch_size=cfg.batch_size, finished_only=True)
+    main = run_attacks(
+        run.proto.attacks, target, run.x, run.y, clean, run.scorer, run.state, name="main", **kw
+    )
+    left = [s.label(run.detected) + f" {s.norm} {s.steps}x{s.eot}" for s in run.proto.attacks]
+    done = [o.spec for o in main]
+    return {
+        "partial": True,
+        "pending_attacks": [t for s, t in zip(run.proto.attacks, left, strict=True) if s not in done],
+        "clean_accuracy": None,
+        "clean_ci95": None,
+        "n_images": None,
+        "clean_accuracy_answer": None,
+        **_result(cfg, target, run, clean, main, []),
+        "sanity": {"all_passed": False, "failed": [], "checks": [], "pending": PENDING},
+        "cost": {},
+        "wall_s": round(sum(o.wall_s for o in main), 1),
     }

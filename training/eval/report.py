@@ -49,6 +49,16 @@ def prefilter_text(pre: dict | None) -> str:
     )
 
 
+def partial_lines(result: dict) -> list[str]:
+    if not result.get("partial"):
+        return []
+    pending = ", ".join(result.get("pending_attacks") or []) or "none of the main attacks"
+    return [
+        "> **Partial report of a run still going: the attacks its state file has finished, and the "
+        f"worst case over them. Pending: {pending}; and {result['sanity'].get('pending', '')}.**",
+    ]
+
+
 def markdown(result: dict) -> str:
     t, p, s = result["target"], result["protocol"], result["sanity"]
     sub = result["clean_accuracy_subset"]
@@ -56,13 +66,20 @@ def markdown(result: dict) -> str:
         f"# Robustness evaluation: {t['role']} ({t['description']})",
         "",
         *[f"> **{w}**" for w in warning_lines(s)],
-        "" if not s["all_passed"] else "All sanity checks passed.",
+        *partial_lines(result),
+        "" if not s["all_passed"] or result.get("partial") else "All sanity checks passed.",
         "",
         f"* Source: {', '.join(f'{k}=`{v}`' for k, v in t['source'].items())}; randomized: {'yes' if t['randomized'] else 'no'}"
         + (f"; RT {t['rt']}" if t["rt"] else ""),
-        f"* Clean accuracy: {pct(result['clean_accuracy'])}{ci_text(result.get('clean_ci95'))} on "
-        f"{result['n_images']} test images (one fresh draw each)"
-        f"{answer_text(result.get('clean_accuracy_answer'))}; on the attacked subset ({sub['n_images']} "
+        "* Clean accuracy: "
+        + (
+            ""
+            if result["clean_accuracy"] is None
+            else f"{pct(result['clean_accuracy'])}{ci_text(result.get('clean_ci95'))} on "
+            f"{result['n_images']} test images (one fresh draw each)"
+            f"{answer_text(result.get('clean_accuracy_answer'))}; "
+        )
+        + f"on the attacked subset ({sub['n_images']} "
         f"images, seed {p['subset_seed']}): {pct(sub['vote'])}{ci_text(sub.get('ci95'))} by vote.",
         f"* Protocol: `{p['preset']}`. Attacks of one threat model cascade in the order listed (each "
         "sees only the images still robust); 'alone' rows attack every clean-correct image."
@@ -106,9 +123,12 @@ def markdown(result: dict) -> str:
             f"| {final_text(r)} | {pct(r['accuracy_single_draw'])} |"
             for r in result["sweep"]
         ]
-    lines += ["", "## Sanity checks", "", "| check | status | detail |", "|---|---|---|"]
-    lines += [f"| {c['name']} | {c['status'].upper()} | {c['detail']} |" for c in s["checks"]]
+    if s["checks"]:
+        lines += ["", "## Sanity checks", "", "| check | status | detail |", "|---|---|---|"]
+        lines += [f"| {c['name']} | {c['status'].upper()} | {c['detail']} |" for c in s["checks"]]
     c = result["cost"]
+    if not c:
+        return "\n".join(lines + [""])
     lines += [
         "",
         f"Cost ({c['threads']} threads, batch {c['batch']}): {c['forward_ms_per_image']:.2f} ms per image per "
