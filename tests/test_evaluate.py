@@ -179,7 +179,9 @@ def test_a_prefilter_leaves_the_costly_attack_only_its_survivors(trained, tmp_pa
     res = run(EvalConfig(**common, prefilter=(4, 1), convergence_n=48, out=str(tmp_path / "pre")))
     conv = next(c for c in res["sanity"]["checks"] if c["name"] == "convergence")
     sections = json.loads((tmp_path / "pre.state.json").read_text())["sections"]
-    (attacked,) = [len(v["targets"]) for k, v in sections.items() if k.startswith("convergence/")]
+    (attacked,) = [
+        len(v["targets"]) for k, v in sections.items() if k.startswith("convergence-after-prefilter/")
+    ]
     assert f"after its 4x1 prefilter ({attacked} of 48 left)" in conv["detail"] and 0 < attacked < 48
     assert conv["values"]["n_images"] == 48 and conv["values"]["steps_x2"] <= attacked / 48
     assert attacked == res["robust"][1]["attacked"]  # the subset is every image: the same survivors

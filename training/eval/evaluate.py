@@ -207,7 +207,9 @@ def _convergence(cfg, target, proto, x, y, clean, scorer, state, main) -> sanity
         attacked = sub[cheap.after.vote[sub] > 0.5]  # the prefilter's survivors in the subset
     elif not reuse:
         runs.insert(0, base_spec.replace(cascade=False))
-    kw = dict(name="convergence", seed=cfg.seed, batch_size=cfg.batch_size)
+    # its own state sections under a prefilter: their image indices count from a smaller subset
+    name = "convergence" if chain is None else "convergence-after-prefilter"
+    kw = dict(name=name, seed=cfg.seed, batch_size=cfg.batch_size)
     outs = run_attacks(
         tuple(runs),
         target,
