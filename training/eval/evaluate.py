@@ -302,6 +302,21 @@ def _result(cfg, target: Target, run: _Run, clean: Scores, main: list, sweep: li
     }
 
 
+def _clean_block(cfg, target: Target, run: _Run) -> dict:
+    """Clean accuracy on the clean set (``clean_n`` images, forward passes only)."""
+    k = cfg.samples if target.randomized else 1
+    big = clean_accuracy(target, run.test, cfg.clean_n, cfg.seed, cfg.device, k)
+    return {
+        "clean_accuracy": big["accuracy"],
+        "clean_ci95": big["ci95"],
+        "n_images": big["n"],
+        "clean_protocol": "top-1, one fresh RT draw per image (the mean over the randomness)",
+        "clean_accuracy_answer": {"accuracy": big["answer"], "samples": k, "n_images": big["n"]}
+        | {"ci95": big["answer_ci95"]}
+        | {"rule": SCORING["vote"].format(k=k) if run.detected else DETERMINISTIC["vote"]},
+    }
+
+
 def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> dict:
     t0 = time.time()
     run = _start(cfg, target, proto, state_path)
@@ -333,16 +348,8 @@ def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> d
         for o in sweep:
             pts.setdefault(o.spec.norm, []).append((o.spec.eps, o.after.means()["vote"]))
         checks += sanity.eps_sweep(pts, float(clean.vote[:m].mean()), m, cfg.zero_tol)
-    k = cfg.samples if target.randomized else 1
-    big = clean_accuracy(target, run.test, cfg.clean_n, cfg.seed, cfg.device, k)
     return {
-        "clean_accuracy": big["accuracy"],
-        "clean_ci95": big["ci95"],
-        "n_images": big["n"],
-        "clean_protocol": "top-1, one fresh RT draw per image (the mean over the randomness)",
-        "clean_accuracy_answer": {"accuracy": big["answer"], "samples": k, "n_images": big["n"]}
-        | {"ci95": big["answer_ci95"]}
-        | {"rule": SCORING["vote"].format(k=k) if run.detected else DETERMINISTIC["vote"]},
+        **_clean_block(cfg, target, run),
         **_result(cfg, target, run, clean, main, sweep),
         "sanity": sanity.summarize(checks),
         "cost": measure_cost(target, x[: min(n, cfg.batch_size)], y[: min(n, cfg.batch_size)], cfg.samples),
@@ -350,13 +357,14 @@ def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> d
     }
 
 
-PENDING = "the run has not ended: its sanity checks, ε sweep, clean accuracy on the clean set and cost come with its final report"
+PENDING = "the run has not ended: its sanity checks, ε sweep and cost come with its final report"
 
 
 def partial_report(cfg, target: Target, proto: Protocol, state_path: Path) -> dict:
     """The report of what a run's state file has finished so far, without attacking anything and
     without writing the state (the run may be going on beside it): the finished attacks, with
-    intervals and their cascade, and the worst case over them. Marked ``partial``."""
+    intervals and their cascade, the worst case over them, and the clean accuracy on the clean
+    set (forward passes only: the figure the final report gives). Marked ``partial``."""
     if not state_path.is_file():
         raise FileNotFoundError(f"{state_path}: no state file, so nothing to report (start the run first)")
     run = _start(cfg, target, proto, state_path)
@@ -373,10 +381,7 @@ def partial_report(cfg, target: Target, proto: Protocol, state_path: Path) -> di
     return {
         "partial": True,
         "pending_attacks": [t for s, t in zip(run.proto.attacks, left, strict=True) if s not in done],
-        "clean_accuracy": None,
-        "clean_ci95": None,
-        "n_images": None,
-        "clean_accuracy_answer": None,
+        **_clean_block(cfg, target, run),
         **_result(cfg, target, run, clean, main, []),
         "sanity": {"all_passed": False, "failed": [], "checks": [], "pending": PENDING},
         "cost": {},
