@@ -12,9 +12,10 @@
 # folder given as --classifier stands for the training checkpoint its manifest records, so a run
 # begun on that checkpoint on another machine resumes here (docs/evaluation.md, "Resuming").
 #
-# Cost on this machine's 2 cores (measured, `atop eval --estimate`): a purification row over the
-# AT f ~10 CPU-hours, over the standard f (its f is 4 passes) ~20; each unseen run about a
-# third of its row. On a GPU: DEVICE=cuda JOBS=1 (draws are still made on the CPU from the same
+# Cost on this machine's 2 cores (`atop eval --estimate`, every attack on every image): a
+# purification row over the AT f ~10 CPU-hours, over the standard f (its f is 4 passes) ~20;
+# each unseen run about a third of its row. The prefilter below cuts the standard-f rows to an
+# estimated 6-9 CPU-hours (--estimate --prefilter with a survival fraction says how much). On a GPU: DEVICE=cuda JOBS=1 (draws are still made on the CPU from the same
 # seeds, so a state begun on one device finishes on the other). The batch size is part of a
 # run's identity (its seeds derive from the batch index): keep BATCH for a run already begun.
 #
@@ -76,20 +77,21 @@ declare -A PROTOCOL=(
 one() {  # one ROW PROTOCOL : one `atop eval`, skipped when its JSON exists
   local name=eval-$1-$2
   if [ -f "$OUT/$name.json" ]; then echo "[$name] done, skipping"; return; fi
-  local pre=()
-  if [ "$PREFILTER" != none ] && [[ "$NO_PREFILTER" != *" $name "* ]]; then pre=(--prefilter "$PREFILTER"); fi
+  local args
+  # shellcheck disable=SC2206  # the two tables hold word lists
+  args=(--data "$DATA" ${SOURCE[$1]} ${PROTOCOL[$2]} --n "$N" --samples 2 --device "$DEVICE" --batch-size "$BATCH"
+    --out "$OUT/$name")
+  local pre=""
+  if [ "$PREFILTER" != none ] && [[ "$NO_PREFILTER" != *" $name "* ]]; then pre="--prefilter $PREFILTER"; fi
+  # shellcheck disable=SC2206
+  args+=($pre)
   if [ -n "$PARTIAL" ]; then  # the report of what its state has finished, with the run's own flags
     if [ ! -f "$OUT/$name.state.json" ]; then return; fi
-    # shellcheck disable=SC2086
-    atop eval --data "$DATA" ${SOURCE[$1]} ${PROTOCOL[$2]} "${pre[@]}" --n "$N" --samples 2 --device "$DEVICE" \
-      --batch-size "$BATCH" --threads 1 --out "$OUT/$name" --partial > /dev/null &&
-      echo "[$name] partial report: $OUT/$name.partial.json"
+    atop eval "${args[@]}" --threads 1 --partial > /dev/null && echo "[$name] partial report: $OUT/$name.partial.json"
     return
   fi
-  echo "[$name] $(date -u +%FT%TZ) started ${pre[*]} (log runs/$name.log)"
-  # shellcheck disable=SC2086  # the two tables hold word lists
-  if OMP_NUM_THREADS=$THREADS atop eval --data "$DATA" ${SOURCE[$1]} ${PROTOCOL[$2]} "${pre[@]}" --n "$N" --samples 2 \
-    --device "$DEVICE" --batch-size "$BATCH" --threads "$THREADS" --out "$OUT/$name" >> "runs/$name.log" 2>&1; then
+  echo "[$name] $(date -u +%FT%TZ) started $pre (log runs/$name.log)"
+  if OMP_NUM_THREADS=$THREADS atop eval "${args[@]}" --threads "$THREADS" >> "runs/$name.log" 2>&1; then
     echo "[$name] $(date -u +%FT%TZ) finished: $OUT/$name.json"
   else
     echo "[$name] FAILED, see runs/$name.log"

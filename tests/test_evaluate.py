@@ -234,6 +234,26 @@ def test_prefilter_placement_and_step():
     assert base.with_prefilter(500, 40).attacks == base.attacks  # nothing costs more than the prefilter
 
 
+def test_the_estimate_follows_the_cascade_when_given_a_survival_fraction():
+    """--estimate: survival 1 is the upper bound (every attack on every image); with a survival
+    fraction the first cascaded attack of each threat model runs on every image, the later ones
+    (the costly PGD after its prefilter, AutoAttack, Square) and the convergence variants on that
+    fraction; FGSM (alone) and the sweep keep their counts."""
+    from training.eval import protocol
+
+    pre = protocol.leekim(sweep_n=128, convergence_n=64).with_prefilter(50, 8)
+    full, cut = (protocol.estimate(pre, 512, 2, 10.0, 3.0, survival=f) for f in (1.0, 0.1))
+    assert all(r["images"] == 512 for r in full["rows"] if r["role"] == "main")
+    images = [(r["attack"], r["images"]) for r in cut["rows"] if r["role"] == "main"]
+    assert [i for _, i in images] == [512, 512, 51, 51, 51, 512, 51, 512, 51]
+    assert [r["images"] for r in cut["rows"] if r["role"] == "convergence"] == [6, 6]
+    assert [r["images"] for r in cut["rows"] if r["role"] == "sweep"] == [128] * len(pre.sweep)
+    assert cut["hours"] < full["hours"]
+    # without a prefilter the convergence variants run on all their images
+    plain = protocol.estimate(protocol.leekim(convergence_n=64), 512, 2, 10.0, 3.0, survival=0.1)
+    assert [r["images"] for r in plain["rows"] if r["role"] == "convergence"] == [64, 64]
+
+
 def test_a_partial_report_shows_the_finished_attacks_of_a_run_still_going(trained, tmp_path, monkeypatch):
     """--partial: a run stopped inside its second attack reports its first, with the numbers the
     whole run gives, lists the second as pending, never writes the state file (the run may be
@@ -487,6 +507,8 @@ def test_docs_results_table_is_the_committed_jsons():
         ("--sweep-n", "-1"),
         ("--prefilter", "50"),
         ("--prefilter", "0x8"),
+        ("--survival", "0"),
+        ("--survival", "1.5"),
     ],
 )
 def test_counts_out_of_range_are_usage_errors_before_any_work(flag, value, capsys):
@@ -495,5 +517,5 @@ def test_counts_out_of_range_are_usage_errors_before_any_work(flag, value, capsy
         atop(["eval", "--data", "nowhere", "--store", "nowhere", flag, value])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument {flag}: " in err and ("must be at least" in err or "STEPSxEOT" in err)
+    assert f"argument {flag}: " in err and ("must be" in err or "STEPSxEOT" in err)
     assert "Traceback" not in err

@@ -265,6 +265,11 @@ class _Run:
     scorer: Scorer
     checks: list
 
+    @property
+    def sweep_n(self) -> int:
+        """The sweep's images: the first ``proto.sweep_n`` of the subset (0 = all)."""
+        return min(self.proto.sweep_n or len(self.y), len(self.y))
+
 
 def _start(cfg, target: Target, proto: Protocol, state_path: Path | None) -> _Run:
     test = load_split(cfg.data, "test", size=target.image_size, classes=target.classes or None)
@@ -286,8 +291,7 @@ def _start(cfg, target: Target, proto: Protocol, state_path: Path | None) -> _Ru
 
 
 def _result(cfg, target: Target, run: _Run, clean: Scores, main: list, sweep: list) -> dict:
-    n, detected = len(run.y), run.detected
-    m = min(run.proto.sweep_n or n, n)
+    n, detected, m = len(run.y), run.detected, run.sweep_n
     k = cfg.samples if target.randomized else 1
     return {
         "clean_accuracy_subset": clean.means() | {"n_images": n, "ci95": interval(clean.vote)},
@@ -325,7 +329,7 @@ def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> d
     clean = clean_scores(scorer, x, y, state, "main", cfg.seed, cfg.batch_size)
     kw = dict(seed=cfg.seed, batch_size=cfg.batch_size)
     main = run_attacks(proto.attacks, target, x, y, clean, scorer, state, name="main", **kw)
-    m = min(proto.sweep_n or n, n)
+    m = run.sweep_n
     head = torch.arange(m)
     sweep = run_attacks(
         proto.sweep,

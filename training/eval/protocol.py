@@ -158,18 +158,33 @@ def custom(
     return Protocol("custom", tuple(specs), _sweep(steps, eot) if sweep else (), sweep_n, conv, convergence_n)
 
 
-def estimate(proto: Protocol, n: int, samples: int, grad_ms: float, fwd_ms: float) -> dict:
-    """Upper bound of the wall time: every clean-correct image attacked by every attack (the
-    cascade skips broken ones), gradient and forward costs per image as measured."""
+def estimate(
+    proto: Protocol, n: int, samples: int, grad_ms: float, fwd_ms: float, survival: float = 1.0
+) -> dict:
+    """Wall time, gradient and forward costs per image as measured. With ``survival`` 1 (the
+    default) an upper bound: every image attacked by every attack. Otherwise the first cascaded
+    attack of each threat model runs on every image and the later ones on ``survival`` of them
+    (the fraction the first leaves robust, e.g. from a run's partial report), as do the
+    convergence variants under a prefilter (they attack only its survivors)."""
+    if not 0 < survival <= 1:
+        raise ValueError(f"survival must be in (0, 1], got {survival}")
     rows = []
     m = min(proto.sweep_n or n, n)
-    jobs = [(s, n, "main") for s in proto.attacks] + [(s, m, "sweep") for s in proto.sweep]
+    seen: set[tuple[str, float]] = set()
+    jobs = []
+    for s in proto.attacks:
+        threat = (s.norm, s.eps)
+        later = s.cascade and threat in seen
+        if s.cascade:
+            seen.add(threat)
+        jobs.append((s, n * survival if later else n, "main"))
+    jobs += [(s, m, "sweep") for s in proto.sweep]
     if proto.convergence and proto.convergence_n:
-        c = proto.convergence
-        jobs += [(c.replace(steps=2 * c.steps), proto.convergence_n, "convergence")]
-        jobs += [(c.replace(eot=2 * c.eot), proto.convergence_n, "convergence")]
+        c, k = proto.convergence, proto.convergence_n * (survival if proto.prefilter else 1.0)
+        jobs += [(c.replace(steps=2 * c.steps), k, "convergence")]
+        jobs += [(c.replace(eot=2 * c.eot), k, "convergence")]
     for spec, images, role in jobs:
         g, f = spec.kind.work(spec, samples)
         seconds = images * (g * grad_ms + f * fwd_ms) / 1000
-        rows.append({"role": role, "attack": spec.key, "images": images, "hours": seconds / 3600})
-    return {"hours": sum(r["hours"] for r in rows), "rows": rows}
+        rows.append({"role": role, "attack": spec.key, "images": round(images), "hours": seconds / 3600})
+    return {"hours": sum(r["hours"] for r in rows), "rows": rows, "survival": survival}
