@@ -109,6 +109,20 @@ def runs_of(worst: dict, result: dict) -> frozenset:
     )
 
 
+def pending_at(worst: dict, result: dict) -> list[str]:
+    """A partial report's attacks at this worst case's threat model that have not finished."""
+    if not result.get("partial"):
+        return []
+    done = {(e.get("name"), e["steps"], e["eot"]) for e in result.get("robust", [])}
+    return [
+        a["name"]
+        for a in result.get("protocol", {}).get("attacks", [])
+        if a["norm"] == worst["norm"].lower()
+        and close(a["eps"], worst["eps"])
+        and (a["name"], a["steps"], a["eot"]) not in done
+    ]
+
+
 def merge(paths: list[str]) -> dict:
     """One row from several eval JSONs of the same target; the first gives clean and cost."""
     results = [json.loads(Path(q).read_text()) for q in paths]
@@ -120,7 +134,11 @@ def merge(paths: list[str]) -> dict:
             raise SystemExit(f"{q}: not the same evaluation target as {paths[0]} ({diff} differ)")
     merged = dict(first)
     merged["robust"] = [e for r in results for e in r.get("robust", [])]
-    merged["worst_case"] = [w | {"_runs": runs_of(w, r)} for r in results for w in r.get("worst_case", [])]
+    merged["worst_case"] = [
+        w | {"_runs": runs_of(w, r), "_pending": pending_at(w, r)}
+        for r in results
+        for w in r.get("worst_case", [])
+    ]
     merged["_files"] = paths
     merged["_parts"] = results
     return merged
@@ -164,14 +182,16 @@ def worst_cell(result: dict, norm: str, eps: float, randomized: bool) -> str:
     Several files with a worst case at the same radius: the one whose attacks (with their
     budgets) include every other's is exact, since the same attack on the same images with the
     same seed gives the same per-image results; otherwise the lowest, marked ≤ (the per-image
-    minimum across files is not in the JSONs, and can only be lower)."""
+    minimum across files is not in the JSONs, and can only be lower). A partial report whose
+    attacks at that radius have not all finished also gives ≤, naming the pending ones."""
     hits = [w for w in result.get("worst_case", []) if w["norm"] == norm and close(w["eps"], eps)]
     if not hits:
         return "not run"
     covers = [h for h in hits if all(o["_runs"] <= h["_runs"] for o in hits)]
-    exact = bool(covers)
+    pending = sorted({a for h in hits for a in h.get("_pending", [])})
+    exact = bool(covers) and not pending
     w = min(covers or hits, key=lambda h: h["accuracy"])
-    notes = []
+    notes = [f"{', '.join(pending)} pending"] if pending else []
     names = [a.removesuffix("-eot") for a in w["attacks"]]  # the JSON names attacks as run: pgd-eot
     for name in names:
         e = find(result, name, norm, eps)

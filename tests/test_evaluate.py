@@ -7,6 +7,7 @@ version with the same files; the results table is generated from eval JSONs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -293,6 +294,19 @@ def test_a_partial_report_shows_the_finished_attacks_of_a_run_still_going(traine
         check=True,
     ).stdout
     assert "partial: the run is still going" in table and "sanity checks failed" not in table
+    # its worst case at that radius is an upper bound while Square is pending
+    spec = importlib.util.spec_from_file_location("results_table", REPO / "bench" / "results_table.py")
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    row = rt.merge([str(tmp_path / "cut.partial.json")])
+    assert row["worst_case"][0]["_pending"] == ["square"]
+    assert rt.worst_cell(row, "Linf", 0.25, True).startswith("≤ ") and "square pending" in rt.worst_cell(
+        row, "Linf", 0.25, True
+    )
+    whole = rt.merge([str(tmp_path / "ref.json")])
+    assert whole["worst_case"][0]["_pending"] == [] and not rt.worst_cell(
+        whole, "Linf", 0.25, True
+    ).startswith("≤")
     with pytest.raises(FileNotFoundError, match="no state file"):
         run(EvalConfig(**common, out=str(tmp_path / "never"), partial=True))
 
