@@ -101,15 +101,19 @@ one() {  # one ROW PROTOCOL : one `atop eval`, skipped when its JSON exists
 throttle() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done; }
 
 mkdir -p runs "$OUT"
-# The main protocol of every row first: the closest rival of the shipped AT model, then the two
-# rows the issue names (AToP and AP over the standard f, the paper's setting), then AP over the
-# AT f; then the unseen radii.
-for protocol in leekim linf4 linf12 l2aa; do
-  for row in atop-at v6 ap-v6 ap-at; do
-    if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$row,"* && ",$ONLY," != *",eval-$row-$protocol,"* ]]; then continue; fi
-    throttle
-    one "$row" "$protocol" &
-  done
+# The order: the main protocol of the closest rival of the shipped AT model (AToP over the AT f),
+# then the two rows the issue names (AToP and AP over the standard f, the paper's setting); then
+# AToP over the AT f at the unseen radii, beside v15's (the generalisation claim: AT against
+# AToP on attacks neither was trained on); then AP over the AT f; then the other unseen radii.
+QUEUE="atop-at:leekim v6:leekim ap-v6:leekim atop-at:linf4 atop-at:linf12 atop-at:l2aa ap-at:leekim"
+for protocol in linf4 linf12 l2aa; do
+  for row in v6 ap-v6 ap-at; do QUEUE+=" $row:$protocol"; done
+done
+for job in $QUEUE; do
+  row=${job%%:*} protocol=${job#*:}
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$row,"* && ",$ONLY," != *",eval-$row-$protocol,"* ]]; then continue; fi
+  throttle
+  one "$row" "$protocol" &
 done
 wait
 if [ -n "$PARTIAL" ]; then
