@@ -33,7 +33,8 @@
 # Knobs: JOBS (evaluations at a time, 2), THREADS (torch threads each, 1), DEVICE (cpu | cuda),
 # BATCH (64), PREFILTER (50x8; "none" to run every attack alone on every image), ONLY
 # (comma-separated rows or evaluations, e.g. ONLY=atop-at,eval-v6-leekim; default all, in
-# order), N (images, 512: the table's) and OUT (artifacts/cifar10-cpu) for a smoke run.
+# order), N (images, 512: the table's) and OUT (artifacts/cifar10-cpu) for a smoke run; DRY=1
+# prints each queued `atop eval` command line, in order, and runs and restores nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/cifar10}
@@ -44,6 +45,7 @@ BATCH=${BATCH:-64}
 ONLY=${ONLY:-}
 PREFILTER=${PREFILTER:-50x8}
 PARTIAL=${PARTIAL:-}
+DRY=${DRY:-}
 NO_PREFILTER=" eval-atop-at-leekim "  # begun before the prefilter existed
 N=${N:-512}
 OUT=${OUT:-artifacts/cifar10-cpu}
@@ -52,7 +54,7 @@ ATOP_AT=artifacts/cifar10-cpu/atop-at.best.safetensors # the purifier fine-tuned
 
 restore() {  # restore VERSION COMMIT : the store version from git into runs/vVERSION (verified by atop eval)
   local dir=runs/v$1/model_store/cifar10-atop/$1
-  if [ ! -f "$dir/manifest.json" ]; then
+  if [ ! -f "$dir/manifest.json" ] && [ -z "$DRY" ]; then
     mkdir -p "runs/v$1"
     git archive "$2" "model_store/cifar10-atop/$1" | tar -x -C "runs/v$1"
   fi
@@ -74,6 +76,10 @@ declare -A PROTOCOL=(
   [l2aa]="--preset custom --attacks pgd,autoattack-rand --norm l2 --eps 0.5 --steps 200 --alpha 0.1 --eot 20"
 )
 
+atop_eval() {  # atop eval ARGS..., or its command line under DRY=1
+  if [ -n "$DRY" ]; then echo "atop eval $*"; else atop eval "$@"; fi
+}
+
 one() {  # one ROW PROTOCOL : one `atop eval`, skipped when its JSON exists
   local name=eval-$1-$2
   if [ -f "$OUT/$name.json" ]; then echo "[$name] done, skipping"; return; fi
@@ -87,11 +93,13 @@ one() {  # one ROW PROTOCOL : one `atop eval`, skipped when its JSON exists
   args+=($pre)
   if [ -n "$PARTIAL" ]; then  # the report of what its state has finished, with the run's own flags
     if [ ! -f "$OUT/$name.state.json" ]; then return; fi
-    atop eval "${args[@]}" --threads 1 --partial > /dev/null && echo "[$name] partial report: $OUT/$name.partial.json"
+    if [ -n "$DRY" ]; then atop_eval "${args[@]}" --threads 1 --partial; return; fi
+    atop_eval "${args[@]}" --threads 1 --partial > /dev/null && echo "[$name] partial report: $OUT/$name.partial.json"
     return
   fi
+  if [ -n "$DRY" ]; then atop_eval "${args[@]}" --threads "$THREADS"; return; fi
   echo "[$name] $(date -u +%FT%TZ) started $pre (log runs/$name.log)"
-  if OMP_NUM_THREADS=$THREADS atop eval "${args[@]}" --threads "$THREADS" >> "runs/$name.log" 2>&1; then
+  if OMP_NUM_THREADS=$THREADS atop_eval "${args[@]}" --threads "$THREADS" >> "runs/$name.log" 2>&1; then
     echo "[$name] $(date -u +%FT%TZ) finished: $OUT/$name.json"
   else
     echo "[$name] FAILED, see runs/$name.log"
@@ -113,9 +121,10 @@ for job in $QUEUE; do
   row=${job%%:*} protocol=${job#*:}
   if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$row,"* && ",$ONLY," != *",eval-$row-$protocol,"* ]]; then continue; fi
   throttle
-  one "$row" "$protocol" &
+  if [ -n "$DRY" ]; then one "$row" "$protocol"; else one "$row" "$protocol" & fi
 done
 wait
+if [ -n "$DRY" ]; then exit 0; fi
 if [ -n "$PARTIAL" ]; then
   echo "partial reports written; list them in docs/results_table.args until their runs end, then"
   echo "  python bench/results_table.py @docs/results_table.args --update docs/results.md"

@@ -533,3 +533,54 @@ def test_counts_out_of_range_are_usage_errors_before_any_work(flag, value, capsy
     err = capsys.readouterr().err
     assert f"argument {flag}: " in err and ("must be" in err or "STEPSxEOT" in err)
     assert "Traceback" not in err
+
+
+def test_the_full_evaluation_recipe_queues_valid_commands_in_order(tmp_path):
+    """recipes/eval_full.sh under DRY=1: every queued `atop eval` line parses with the real CLI;
+    the order puts the main protocol of AToP over the AT f, AToP and AP over the standard f first,
+    then AToP over the AT f at the unseen radii; the prefilter goes on every run but the one begun
+    without it; a run with its JSON is skipped; PARTIAL=1 reports only runs with a state file,
+    with the very flags of the run."""
+    import shlex
+
+    from atop.cli import build_parser
+
+    script = REPO / "recipes" / "eval_full.sh"
+
+    def queue(**env):
+        e = {"PATH": "/usr/bin:/bin", "DRY": "1", "OUT": str(tmp_path)} | env
+        out = subprocess.run(
+            ["bash", str(script), "somewhere"], env=e, capture_output=True, text=True, check=True
+        )
+        return out.stdout.splitlines()
+
+    def flags(line):
+        argv = shlex.split(line)
+        assert argv[:2] == ["atop", "eval"]
+        return build_parser(argv[1:]).parse_args(argv[1:])
+
+    lines = queue()
+    assert len(lines) == 16
+    parsed = [flags(line) for line in lines]
+    names = [Path(a.out).name for a in parsed]
+    assert names[:7] == [
+        "eval-atop-at-leekim",
+        "eval-v6-leekim",
+        "eval-ap-v6-leekim",
+        "eval-atop-at-linf4",
+        "eval-atop-at-linf12",
+        "eval-atop-at-l2aa",
+        "eval-ap-at-leekim",
+    ]
+    assert len(set(names)) == 16 and all(a.data == "somewhere" and a.n == 512 for a in parsed)
+    assert [a.prefilter for a in parsed] == [None] + [(50, 8)] * 15
+    assert all(a.prefilter is None for a in map(flags, queue(PREFILTER="none")))
+
+    (tmp_path / "eval-v6-leekim.json").write_text("{}")
+    (tmp_path / "eval-ap-v6-leekim.state.json").write_text("{}")
+    skipped = queue()
+    assert "[eval-v6-leekim] done, skipping" in skipped and len(skipped) == 16
+    (partial,) = [line for line in queue(PARTIAL="1") if line.startswith("atop eval")]
+    run_line = next(line for line in lines if "eval-ap-v6-leekim " in line)
+    assert partial == run_line.replace("--threads 1", "--threads 1 --partial")
+    assert flags(partial).partial
