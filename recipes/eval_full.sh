@@ -23,8 +23,10 @@
 # the same attack at 50 steps x EOT 8, which the costly one then follows on the survivors only.
 # The worst case is the same quantity; the costly attack's own cell becomes cumulative (marked
 # with a dagger in the table). On the standard-f rows, where PGD-50 x EOT-8 already leaves 6-7%,
-# it saves most of the PGD-200 and flow work. A run begun without it keeps its protocol
-# (NO_PREFILTER lists them), so its committed state is not thrown away.
+# it saves most of the PGD-200 and flow work. A run begun without it keeps the attacks it
+# finished (their committed state is not thrown away) and takes the prefilter only before the
+# threat models it has not reached (PREFILTER_OF: AToP over the AT f, begun before the
+# prefilter existed, takes it before flow, where PGD-50 x EOT-8 left 0.8%).
 #
 # PARTIAL=1: attack nothing; for every queued run with a state file and no JSON yet, write
 # OUT/<name>.partial.json/.md, the attacks it has finished (atop eval --partial; safe while the
@@ -46,7 +48,7 @@ ONLY=${ONLY:-}
 PREFILTER=${PREFILTER:-50x8}
 PARTIAL=${PARTIAL:-}
 DRY=${DRY:-}
-NO_PREFILTER=" eval-atop-at-leekim "  # begun before the prefilter existed
+declare -A PREFILTER_OF=([eval-atop-at-leekim]=":flow")  # appended to PREFILTER for that run
 N=${N:-512}
 OUT=${OUT:-artifacts/cifar10-cpu}
 AP=artifacts/cifar10-cpu/purifier.safetensors        # the pre-trained purifier (AP)
@@ -88,7 +90,7 @@ one() {  # one ROW PROTOCOL : one `atop eval`, skipped when its JSON exists
   args=(--data "$DATA" ${SOURCE[$1]} ${PROTOCOL[$2]} --n "$N" --samples 2 --device "$DEVICE" --batch-size "$BATCH"
     --out "$OUT/$name")
   local pre=""
-  if [ "$PREFILTER" != none ] && [[ "$NO_PREFILTER" != *" $name "* ]]; then pre="--prefilter $PREFILTER"; fi
+  if [ "$PREFILTER" != none ]; then pre="--prefilter $PREFILTER${PREFILTER_OF[$name]:-}"; fi
   # shellcheck disable=SC2206
   args+=($pre)
   if [ -n "$PARTIAL" ]; then  # the report of what its state has finished, with the run's own flags

@@ -200,8 +200,13 @@ def test_a_prefilter_leaves_the_costly_attack_only_its_survivors(trained, tmp_pa
     check = next(c for c in res["sanity"]["checks"] if c["name"] == "undefended_pgd")
     assert check["values"]["steps"] == 8 and "PGD-8 " in check["detail"]
     # without the prefilter the costly attack alone attacks every clean-correct image
-    alone = run(EvalConfig(**common))["robust"][0]
+    alone = run(EvalConfig(**common, out=str(tmp_path / "plain")))["robust"][0]
     assert alone["attacked"] == cheap["attacked"]
+    # a prefilter limited to another threat model leaves the l-inf attack (and its state) as it was
+    before = json.loads((tmp_path / "plain.state.json").read_text())["sections"]
+    later = run(EvalConfig(**common, prefilter=(4, 1, ("l2",)), out=str(tmp_path / "plain")))
+    assert later["robust"] == [alone] and later["protocol"]["prefilter"]["threats"] == ["l2"]
+    assert json.loads((tmp_path / "plain.state.json").read_text())["sections"].keys() == before.keys()
     with pytest.raises(ValueError, match="cascade"):
         run(EvalConfig(**common, prefilter=(1, 1), cascade=False))
 
@@ -233,6 +238,18 @@ def test_prefilter_placement_and_step():
     assert flow.alpha == pytest.approx(2.5 * 1.0 / 100 * 2)  # flow's default step, scaled
     assert pre.deterministic().prefilter == (50, 8) and pre.to_dict()["prefilter"] == {"steps": 50, "eot": 8}
     assert base.with_prefilter(500, 40).attacks == base.attacks  # nothing costs more than the prefilter
+    # limited to some threat models (a run begun without it keeps its finished sections)
+    flow_only = base.with_prefilter(50, 8, ("flow",))
+    assert [(s.name, s.steps) for s in flow_only.attacks if s.name in ("pgd", "flow")] == [
+        ("pgd", 200),
+        ("pgd", 200),
+        ("flow", 50),
+        ("flow", 100),
+    ]
+    assert [s for s in flow_only.attacks if s.name != "flow"] == [s for s in base.attacks if s.name != "flow"]
+    assert flow_only.to_dict()["prefilter"] == {"steps": 50, "eot": 8, "threats": ["flow"]}
+    assert flow_only.prefiltered(flow_only.attacks[-1]) and not flow_only.prefiltered(base.convergence)
+    assert pre.prefiltered(base.convergence) and not base.prefiltered(base.convergence)
 
 
 def test_the_estimate_follows_the_cascade_when_given_a_survival_fraction():
@@ -253,6 +270,9 @@ def test_the_estimate_follows_the_cascade_when_given_a_survival_fraction():
     # without a prefilter the convergence variants run on all their images
     plain = protocol.estimate(protocol.leekim(convergence_n=64), 512, 2, 10.0, 3.0, survival=0.1)
     assert [r["images"] for r in plain["rows"] if r["role"] == "convergence"] == [64, 64]
+    flow_only = protocol.leekim(convergence_n=64).with_prefilter(50, 8, ("flow",))  # l-inf PGD alone
+    est = protocol.estimate(flow_only, 512, 2, 10.0, 3.0, survival=0.1)
+    assert [r["images"] for r in est["rows"] if r["role"] == "convergence"] == [64, 64]
 
 
 def test_a_partial_report_shows_the_finished_attacks_of_a_run_still_going(trained, tmp_path, monkeypatch):
@@ -521,6 +541,7 @@ def test_docs_results_table_is_the_committed_jsons():
         ("--sweep-n", "-1"),
         ("--prefilter", "50"),
         ("--prefilter", "0x8"),
+        ("--prefilter", "50x8:l3"),
         ("--survival", "0"),
         ("--survival", "1.5"),
     ],
@@ -531,15 +552,15 @@ def test_counts_out_of_range_are_usage_errors_before_any_work(flag, value, capsy
         atop(["eval", "--data", "nowhere", "--store", "nowhere", flag, value])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument {flag}: " in err and ("must be" in err or "STEPSxEOT" in err)
+    assert f"argument {flag}: " in err and ("must be" in err or "STEPSxEOT" in err), err
     assert "Traceback" not in err
 
 
 def test_the_full_evaluation_recipe_queues_valid_commands_in_order(tmp_path):
     """recipes/eval_full.sh under DRY=1: every queued `atop eval` line parses with the real CLI;
     the order puts the main protocol of AToP over the AT f, AToP and AP over the standard f first,
-    then AToP over the AT f at the unseen radii; the prefilter goes on every run but the one begun
-    without it; a run with its JSON is skipped; PARTIAL=1 reports only runs with a state file,
+    then AToP over the AT f at the unseen radii; the prefilter goes on every run, before flow only
+    on the one begun without it; a run with its JSON is skipped; PARTIAL=1 reports only runs with a state file,
     with the very flags of the run."""
     import shlex
 
@@ -573,7 +594,7 @@ def test_the_full_evaluation_recipe_queues_valid_commands_in_order(tmp_path):
         "eval-ap-at-leekim",
     ]
     assert len(set(names)) == 16 and all(a.data == "somewhere" and a.n == 512 for a in parsed)
-    assert [a.prefilter for a in parsed] == [None] + [(50, 8)] * 15
+    assert [a.prefilter for a in parsed] == [(50, 8, ("flow",))] + [(50, 8)] * 15
     assert all(a.prefilter is None for a in map(flags, queue(PREFILTER="none")))
 
     (tmp_path / "eval-v6-leekim.json").write_text("{}")

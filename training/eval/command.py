@@ -63,7 +63,7 @@ class EvalConfig:
     eot: int = 8
     square_queries: int = 1000
     cascade: bool = True
-    prefilter: tuple[int, int] | None = None  # (steps, eot): a cheap attack before each costly one
+    prefilter: tuple | None = None  # (steps, eot[, threats]): a cheap attack before each costly one
     sweep: bool = False  # custom protocol: add the ε sweep
     sweep_n: int = 0  # 0 = the preset's (custom: all images)
     convergence_n: int = -1  # -1 = the preset's (custom: 0, no check)
@@ -219,15 +219,24 @@ def _at_least(lo: int):
 COUNT, COUNT0 = _at_least(1), _at_least(0)
 
 
-def _prefilter(text: str) -> tuple[int, int]:
-    """STEPSxEOT, e.g. 50x8."""
+def _prefilter(text: str) -> tuple:
+    """STEPSxEOT[:THREATS], e.g. 50x8 or 50x8:flow (THREATS: comma-separated linf, l2, flow)."""
+    budget, _, threats = text.partition(":")
     try:
-        steps, eot = (int(v) for v in text.lower().split("x"))
+        steps, eot = (int(v) for v in budget.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected STEPSxEOT such as 50x8, not {text!r}") from None
     if steps < 1 or eot < 1:
         raise argparse.ArgumentTypeError(f"steps and EOT must be at least 1 (got {text!r})")
-    return steps, eot
+    if not threats:
+        return steps, eot
+    names = tuple(t.strip().lower() for t in threats.split(","))
+    unknown = [t for t in names if t not in protocol.PREFILTER_THREATS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"STEPSxEOT:THREATS takes threats among {', '.join(protocol.PREFILTER_THREATS)}, not {unknown}"
+        )
+    return steps, eot, names
 
 
 _prefilter.__name__ = "STEPSxEOT"
@@ -288,10 +297,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prefilter",
         type=_prefilter,
         default=d.prefilter,
-        metavar="STEPSxEOT",
+        metavar="STEPSxEOT[:THREATS]",
         help="e.g. 50x8: before each costlier PGD or flow attack, the same attack at this budget; the costly "
         "one then attacks only its survivors (the worst case is unchanged in meaning; the costly attack's "
-        "own figure becomes cumulative). Saves most where a cheap attack breaks most images",
+        "own figure becomes cumulative). Saves most where a cheap attack breaks most images. 50x8:flow "
+        "(or :linf, :l2, comma-separated) puts it only before those threat models' attacks",
     )
     a("--sweep", action="store_true", help="custom protocol: add the ε sweep (plot, monotonicity check)")
     a("--sweep-n", type=COUNT0, default=d.sweep_n, help="images for the sweep (default: the preset's)")

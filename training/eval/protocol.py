@@ -47,6 +47,7 @@ LEEKIM_L2_ALPHA = 0.1
 SWEEP_LINF = (2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255)
 SWEEP_L2 = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 PRESETS = ("custom", "quick", "leekim")
+PREFILTER_THREATS = ("linf", "l2", "flow")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Protocol:
     convergence: AttackSpec | None = None  # the attack whose convergence is checked
     convergence_n: int = 0
     prefilter: tuple[int, int] | None = None  # (steps, eot) of the cheap attack before each costly one
+    prefilter_threats: tuple[str, ...] = ()  # the norms it goes before; () = every one
 
     def deterministic(self) -> Protocol:
         """EOT 1 everywhere (nothing to average on a deterministic model)."""
@@ -71,7 +73,7 @@ class Protocol:
         conv = self.convergence.replace(cascade=False) if self.convergence else None
         return dataclasses.replace(self, attacks=alone, convergence=conv)
 
-    def with_prefilter(self, steps: int, eot: int) -> Protocol:
+    def with_prefilter(self, steps: int, eot: int, threats: tuple[str, ...] = ()) -> Protocol:
         """Before each stepped gradient attack of the main list that costs more than ``steps`` x
         ``eot`` gradient passes per image, the same attack at that budget on the same threat
         model, both in the cascade: the costly attack then runs only on the images the cheap one
@@ -79,24 +81,36 @@ class Protocol:
         case is the same quantity (an image counts as robust only if it survives both); the
         costly attack's own figure becomes cumulative (reported "after" the prefilter: the worst
         case over both, not what it alone would leave). The prefilter's step: the costly attack's, scaled to the
-        fewer steps, at most eps/4 (the PGD-50 x EOT-8 runs of docs/results.md used eps/4)."""
+        fewer steps, at most eps/4 (the PGD-50 x EOT-8 runs of docs/results.md used eps/4).
+        ``threats`` (norms: linf, l2, flow) limits it to those threat models' attacks: a run begun
+        without a prefilter keeps the sections it finished and takes one for what remains."""
         out: list[AttackSpec] = []
         for s in self.attacks:
             costly = s.kind.stepped and not s.gradient_free and s.steps * s.eot > steps * eot
+            costly = costly and (not threats or s.norm in threats)
             if costly:
                 step = min((s.step_size() or 0.0) * s.steps / steps, s.eps / 4)
                 cheap = s.replace(steps=steps, eot=min(eot, s.eot), alpha=step, cascade=True)
                 out += [cheap, s.replace(cascade=True)]
             else:
                 out.append(s)
-        return dataclasses.replace(self, attacks=tuple(out), prefilter=(steps, eot))
+        return dataclasses.replace(
+            self, attacks=tuple(out), prefilter=(steps, eot), prefilter_threats=tuple(threats)
+        )
+
+    def prefiltered(self, spec: AttackSpec) -> bool:
+        """Whether a prefilter goes before attacks of ``spec``'s threat model."""
+        return self.prefilter is not None and (
+            not self.prefilter_threats or spec.norm in self.prefilter_threats
+        )
 
     def to_dict(self) -> dict:
         return {
             "preset": self.name,
             "prefilter": None
             if self.prefilter is None
-            else {"steps": self.prefilter[0], "eot": self.prefilter[1]},
+            else {"steps": self.prefilter[0], "eot": self.prefilter[1]}
+            | ({"threats": list(self.prefilter_threats)} if self.prefilter_threats else {}),
             "attacks": [s.__dict__ | {"step_size": s.step_size()} for s in self.attacks],
             "sweep": [s.__dict__ for s in self.sweep],
             "sweep_n": self.sweep_n,
@@ -180,7 +194,8 @@ def estimate(
         jobs.append((s, n * survival if later else n, "main"))
     jobs += [(s, m, "sweep") for s in proto.sweep]
     if proto.convergence and proto.convergence_n:
-        c, k = proto.convergence, proto.convergence_n * (survival if proto.prefilter else 1.0)
+        c = proto.convergence
+        k = proto.convergence_n * (survival if proto.prefiltered(c) else 1.0)
         jobs += [(c.replace(steps=2 * c.steps), k, "convergence")]
         jobs += [(c.replace(eot=2 * c.eot), k, "convergence")]
     for spec, images, role in jobs:

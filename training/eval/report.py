@@ -42,9 +42,10 @@ def answer_text(answer: dict | None) -> str:
 def prefilter_text(pre: dict | None) -> str:
     if not pre:
         return ""
+    where = f" (before the {', '.join(pre['threats'])} attacks only)" if pre.get("threats") else ""
     return (
-        f" Prefilter {pre['steps']}x{pre['eot']}: each costlier PGD or flow attack follows the same attack "
-        "at that budget and attacks only its survivors, so its figure is cumulative: the worst case "
+        f" Prefilter {pre['steps']}x{pre['eot']}{where}: each costlier PGD or flow attack follows the same "
+        "attack at that budget and attacks only its survivors, so its figure is cumulative: the worst case "
         "over both (the same quantity as the worst-case line below)."
     )
 
