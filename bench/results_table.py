@@ -20,6 +20,11 @@ AutoAttack's 100 iterations and 5,000 Square queries; EOT 1 for a deterministic 
 budget, as does one on fewer than 512 images. The cost is the eval's own torch timing unless
 ``--cost`` names an ONNX Runtime measurement (bench/ort_cost.py) of the row's exported folder.
 The protocol of every row is listed below the table, then the paper's published figures.
+
+``--paired LABEL`` adds, under the table, every other row minus LABEL's, image by image (the
+rows' state files, ``X.state.json`` beside ``X.json`` or ``X.partial.json``): per threat model,
+the worst case over every finished attack of all the row's files at that radius, and the
+difference with Newcombe's paired 95% interval (training/eval/compare.py).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import math
 from pathlib import Path
 
+from training.eval import compare
 from training.eval.attacks import NORM_NAMES
 from training.eval.protocol import leekim
 from training.eval.stats import wilson
@@ -275,7 +281,74 @@ def protocol_line(label: str, result: dict) -> str:
     return f"* **{label}** ({role}; {draws}): " + " · ".join(lines) + "."
 
 
-def table(rows: list[tuple[str, dict]], costs: dict[str, dict] | None = None) -> str:
+# (column, norm as in state sections, radius) of the paired block
+PAIRED = [
+    ("worst ℓ∞ 8/255", "linf", LINF),
+    ("worst ℓ2 0.5", "l2", L2),
+    ("unseen: flow ≤ 1 px", "flow", 1.0),
+    ("unseen: worst ℓ∞ 4/255", "linf", 4 / 255),
+    ("unseen: worst ℓ∞ 12/255", "linf", 12 / 255),
+]
+
+
+def state_path(path: str) -> Path:
+    """The state file ``atop eval`` kept beside an eval JSON or partial report."""
+    stem = path.removesuffix(".json").removesuffix(".partial")
+    return Path(stem + ".state.json")
+
+
+def paired_block(rows: list[tuple[str, dict]], base: str) -> list[str]:
+    """Every row but ``base`` minus ``base``, per image, at each threat model both attacked."""
+    states = {}
+    for label, r in rows:
+        paths = [state_path(q) for q in r["_files"]]
+        states[label] = [compare.load_state(q) for q in paths] if all(q.is_file() for q in paths) else None
+    if states.get(base) is None:
+        raise SystemExit(f"--paired {base!r}: no such row, or a file of it has no state file beside it")
+    worst_base = compare.worst_images(states[base])
+    head = ["model"] + [c[0] for c in PAIRED]
+    lines = [
+        "",
+        f"### Paired differences against {base.strip('*')}",
+        "",
+        "Image by image on the same images (the rows' state files): each row's worst case over every "
+        "attack its files finished at that radius, minus the reference's; Newcombe's paired 95% "
+        "interval. This worst case joins a row's files per image, so it can be lower than the table's "
+        "cell where that cell is marked ≤; a row whose cell above names a smaller budget than the "
+        "full protocol's is an upper bound here too (so is its difference).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for label, _ in rows:
+        if label == base:
+            continue
+        if states[label] is None:
+            lines.append(f"| {label} |" + " no state file |" * len(PAIRED))
+            continue
+        try:
+            compare.same_images(states[label][0], states[base][0])
+            worst = compare.worst_images(states[label])
+        except compare.CompareError:
+            lines.append(f"| {label} |" + " other images |" * len(PAIRED))
+            continue
+        cells = []
+        for _, norm, eps in PAIRED:
+            key = (norm, round(eps, 5))
+            if key not in worst or key not in worst_base:
+                cells.append("–")
+                continue
+            d = compare.paired_difference(worst[key], worst_base[key])
+            lo, hi = d["ci95"]
+            cells.append(
+                f"{100 * d['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+                f"({pct(float(worst[key].float().mean()))} vs {pct(float(worst_base[key].float().mean()))})"
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def table(rows: list[tuple[str, dict]], costs: dict[str, dict] | None = None, paired: str = "") -> str:
     costs = costs or {}
     head = ["model", "clean"] + [c[0] for c in COLUMNS] + ["cost / answer"]
     lines = [
@@ -297,6 +370,8 @@ def table(rows: list[tuple[str, dict]], costs: dict[str, dict] | None = None) ->
         "### Protocol",
         "",
     ]
+    if paired:
+        lines[lines.index("### Protocol") - 1 : lines.index("### Protocol") - 1] = paired_block(rows, paired)
     lines += [protocol_line(label, r) for label, r in rows]
     failed = [
         label
@@ -356,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cost", action="append", default=[], help="LABEL=ort_cost.json:FOLDER (bench/ort_cost.py), optional"
     )
+    p.add_argument(
+        "--paired",
+        default="",
+        metavar="LABEL",
+        help="add every other row minus this one, per image, with paired intervals (needs the state files)",
+    )
     p.add_argument("--out", default="", help="write the Markdown here (default: stdout)")
     p.add_argument(
         "--update",
@@ -382,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(costs) - {label for label, _ in rows}
     if unknown:
         raise SystemExit(f"--cost for a label with no --row: {', '.join(sorted(unknown))}")
-    text = table(rows, costs)
+    text = table(rows, costs, args.paired)
     if args.update:
         return update(Path(args.update), text, check=args.check)
     if args.out:

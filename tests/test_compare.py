@@ -9,7 +9,7 @@ import torch
 
 from atop.cli import main as atop
 from training.eval.cascade import Scores
-from training.eval.compare import CompareError, compare, robust_images
+from training.eval.compare import CompareError, compare, compare_worst, robust_images, worst_images
 from training.eval.stats import paired_difference
 
 N = 8
@@ -95,3 +95,44 @@ def test_compare_command(tmp_path, capsys):
     junk.write_text("not json")
     assert atop(["compare", str(a), str(junk)]) == 2
     assert "not a readable eval state file" in capsys.readouterr().err
+
+
+def test_the_worst_case_joins_every_finished_attack_at_a_radius_image_by_image():
+    """--worst: an image is robust at a threat model only if it survived every finished headline
+    attack there, across the sections of one file and across the files of one model; other radii,
+    the sweep and unfinished sections stay out."""
+    a = _state([1] * N, targets=[0, 1, 2, 3, 4, 5], survived=[1, 1, 1, 1, 0, 0])
+    alone = "main/fgsm/linf/0.0313725/s1/e1/a0/i/after:"  # an attack alone, on every clean-correct image
+    a["sections"][alone] = {"targets": list(range(N)), "done": {"0": _rules([1, 0, 1, 1, 1, 1, 1, 1])}}
+    a["sections"]["main/pgd/l2/0.5/s50/e1/a0/c/after:"] = {"targets": [0, 1], "done": {"0": _rules([0, 1])}}
+    a["sections"]["main/pgd/linf/0.0313725/s99/e1/a0/c/after:x"] = {
+        "targets": [2, 3],
+        "done": {},
+    }  # unfinished
+    a["sections"]["sweep/pgd/linf/0.0313725/s50/e1/a0/i/after:"] = {
+        "targets": [0],
+        "done": {"0": _rules([0])},
+    }
+    worst = worst_images([a])
+    assert worst[("linf", 0.03137)].tolist() == [True, False, True, True] + [False] * 4
+    assert worst[("l2", 0.5)].tolist() == [False, True] + [False] * 6
+    # another file of the same model on the same images: joined per image
+    b = _state([1] * N, targets=list(range(N)), survived=[1, 1, 0, 1, 1, 1, 1, 1])
+    assert worst_images([a, b])[("linf", 0.03137)].tolist() == [True, False, False, True] + [False] * 4
+    with pytest.raises(CompareError, match="seed"):
+        worst_images([a, _state([1] * N, targets=[0], survived=[1], seed=1)])
+    # paired against another model: a row per threat model both attacked
+    other = _state([1] * N, targets=list(range(N)), survived=[1, 1, 1, 1, 1, 1, 0, 0])
+    (row,) = compare_worst([a], [other])
+    assert row["section"] == "worst linf 0.03137" and row["a"] == pytest.approx(3 / 8)
+    assert row["difference"] == pytest.approx(3 / 8 - 6 / 8)
+
+
+def test_compare_command_worst(tmp_path, capsys):
+    a, b = tmp_path / "a.state.json", tmp_path / "b.state.json"
+    a.write_text(json.dumps(_state([1] * N, targets=list(range(N)), survived=[1] * 6 + [0] * 2)))
+    b.write_text(json.dumps(_state([1] * N, targets=list(range(N)), survived=[1] * 4 + [0] * 4)))
+    assert atop(["compare", str(a), str(b), "--worst"]) == 0
+    assert "| `worst linf 0.03137` | 75.0% | 50.0% | +25.0" in capsys.readouterr().out
+    assert atop(["compare", str(a), str(b), "--worst", "--pair", SECTION, SECTION]) == 2
+    assert "do not go together" in capsys.readouterr().err

@@ -510,6 +510,35 @@ def test_results_table(trained, tmp_path):
     )
     assert bad.returncode != 0 and "not the same evaluation target" in bad.stderr
     assert "Traceback" not in bad.stderr
+    # --paired: the per-image worst case of the joined row minus AP's, from the state files
+    from training.eval.compare import load_state, paired_difference, worst_images
+
+    paired = subprocess.run(
+        table + ["--row", f"u={joined}", "--row", f"AP={tmp_path}/ap.json", "--paired", "AP"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    ).stdout
+    states = [load_state(tmp_path / f"undefended{s}.state.json") for s in ("", "-4", "-4sq", "-fgsm")]
+    u8 = worst_images(states)[("linf", round(8 / 255, 5))]
+    ap8 = worst_images([load_state(tmp_path / "ap.state.json")])[("linf", round(8 / 255, 5))]
+    d = paired_difference(u8, ap8)
+    line = next(
+        x for x in paired.split("### Paired differences against AP")[1].splitlines() if x.startswith("| u |")
+    )
+    assert line.split(" | ")[1] == (
+        f"{100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] "
+        f"({100 * float(u8.float().mean()):.1f}% vs {100 * float(ap8.float().mean()):.1f}%)"
+    )
+    assert float(u8.float().mean()) <= min(main8, fgsm8)  # joined per image: at most either file's
+    bad = subprocess.run(
+        table + ["--row", f"AP={tmp_path}/ap.json", "--paired", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert bad.returncode != 0 and "--paired 'nope'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_docs_results_table_is_the_committed_jsons():

@@ -9,6 +9,12 @@ which survived, by the headline (vote) rule. An image counts as robust in a sect
 attacked there and survived, so in a cascade the last section's figure is "robust to every
 attack so far", as in the report's worst case.
 
+``--worst`` compares, per threat model (norm and radius), the per-image worst case instead: an
+image counts as robust only if it survived every finished attack of the file at that radius,
+which is what the report's worst-case line counts. ``worst_images`` does the same over several
+files of one model (the main protocol and runs at other budgets, as bench/results_table.py joins
+them), so attacks from different runs combine image by image.
+
 Only the headline sections (``main/...``: clean and every attack on the whole subset) are
 compared; the ε sweep and the convergence check run on smaller subsets. Refuses, with one line,
 files that were not computed on the same images (data, n, seed; data paths are compared
@@ -71,15 +77,71 @@ def _same_key(value, key: str):
     return value
 
 
-def compare(a: dict, b: dict, pairs: list[tuple[str, str]] | None = None) -> list[dict]:
-    """One row per attack section both files finished: accuracy of each and a − b, paired.
-    ``pairs``: (section of a, section of b) to compare instead, e.g. two different attacks."""
+def same_images(a: dict, b: dict) -> int:
+    """The number of images two state files share, or CompareError when their subsets differ."""
     ia, ib = a["identity"], b["identity"]
     differ = [k for k in SAME_IMAGES if _same_key(ia.get(k), k) != _same_key(ib.get(k), k)]
     if differ:
         detail = ", ".join(f"{k} {ia.get(k)!r} vs {ib.get(k)!r}" for k in differ)
         raise CompareError(f"not the same images ({detail}): a paired difference needs the same subset")
-    n = int(ia["n"])
+    return int(ia["n"])
+
+
+def threat(section: str) -> tuple[str, float] | None:
+    """(norm, radius) of a headline attack section, ``main/<attack>/<norm>/<eps>/...``; None for
+    the clean section and anything else."""
+    parts = section.split("/")
+    if len(parts) < 4 or parts[0] != "main" or parts[1] == "clean":
+        return None
+    try:
+        return parts[2], round(float(parts[3]), 5)
+    except ValueError:
+        return None
+
+
+def worst_images(states: list[dict]) -> dict[tuple[str, float], torch.Tensor]:
+    """Per threat model, bool [n]: the images robust to every finished headline attack at that
+    radius in any of ``states`` (one model's files, on the same images). An unfinished section
+    (a run still going) is left out, as the partial report leaves it out of its worst case."""
+    n = same_images(states[0], states[0])
+    out: dict[tuple[str, float], torch.Tensor] = {}
+    for st in states:
+        same_images(states[0], st)
+        for name, sec in st["sections"].items():
+            t = threat(name)
+            if t is None:
+                continue
+            try:
+                robust = robust_images(sec, n)
+            except CompareError:
+                continue
+            out[t] = out.get(t, torch.ones(n, dtype=torch.bool)) & robust
+    return out
+
+
+def _row(section: str, ra: torch.Tensor, rb: torch.Tensor) -> dict:
+    d = paired_difference(ra, rb)
+    return {
+        "section": section,
+        "a": ra.float().mean().item(),
+        "b": rb.float().mean().item(),
+        "difference": d["difference"],
+        "ci95": d["ci95"],
+        "n_images": len(ra),
+    }
+
+
+def compare_worst(a: list[dict], b: list[dict]) -> list[dict]:
+    """One row per threat model both sides attacked: the per-image worst case of each, a − b."""
+    same_images(a[0], b[0])
+    wa, wb = worst_images(a), worst_images(b)
+    return [_row(f"worst {t[0]} {t[1]:g}", wa[t], wb[t]) for t in wa if t in wb]
+
+
+def compare(a: dict, b: dict, pairs: list[tuple[str, str]] | None = None) -> list[dict]:
+    """One row per attack section both files finished: accuracy of each and a − b, paired.
+    ``pairs``: (section of a, section of b) to compare instead, e.g. two different attacks."""
+    n = same_images(a, b)
     rows = []
     if pairs is None:
         pairs = [(name, name) for name in a["sections"] if name.startswith("main/")]
@@ -91,17 +153,7 @@ def compare(a: dict, b: dict, pairs: list[tuple[str, str]] | None = None) -> lis
             ra, rb = robust_images(sa, n), robust_images(sb, n)
         except CompareError:
             continue
-        d = paired_difference(ra, rb)
-        rows.append(
-            {
-                "section": name if name == other else f"{name} vs {other}",
-                "a": ra.float().mean().item(),
-                "b": rb.float().mean().item(),
-                "difference": d["difference"],
-                "ci95": d["ci95"],
-                "n_images": n,
-            }
-        )
+        rows.append(_row(name if name == other else f"{name} vs {other}", ra, rb))
     return rows
 
 
@@ -126,13 +178,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="compare this section of A with that one of B (e.g. two different attacks on the same"
         " images; repeatable) instead of the sections the two share by name",
     )
+    p.add_argument(
+        "--worst",
+        action="store_true",
+        help="compare the per-image worst case of each threat model (every finished attack at that"
+        " radius) instead of attack sections",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         pairs = [tuple(p) for p in args.pair] if args.pair else None
-        rows = compare(load_state(args.a), load_state(args.b), pairs)
+        a, b = load_state(args.a), load_state(args.b)
+        if args.worst and pairs:
+            raise CompareError("--worst and --pair do not go together")
+        rows = compare_worst([a], [b]) if args.worst else compare(a, b, pairs)
     except CompareError as e:
         sys.stderr.write(f"atop compare: {e}\n")
         return 2
