@@ -45,6 +45,29 @@ def check_png(path) -> None:
     with Image.open(path) as im:
         w, h = im.size
         assert im.format == "PNG" and 600 <= w <= 2000 and 250 <= h <= 1000 and w > h
+        assert im.mode == "P"  # a 256-colour palette: a third of the RGBA file's size
+
+
+def test_the_palette_png_keeps_the_picture():
+    """Reduced to 256 colours on white, a plot-like RGBA image (antialiased coloured lines, a
+    transparent margin) stays within a few levels per pixel of the original flattened on white."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    from training.eval.plot import palette_png
+
+    im = Image.new("RGBA", (400, 200), (255, 255, 255, 255))
+    draw = ImageDraw.Draw(im)
+    for i, colour in enumerate([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]):
+        draw.line([(10, 20 + 40 * i), (390, 180 - 30 * i)], fill=colour + (255,), width=3)
+    draw.rectangle([0, 0, 400, 8], fill=(0, 0, 0, 0))  # transparent: becomes white, not black
+    small = palette_png(im.resize((800, 400), Image.Resampling.BICUBIC))
+    want = Image.alpha_composite(
+        Image.new("RGBA", (800, 400), "white"), im.resize((800, 400), Image.Resampling.BICUBIC)
+    )
+    diff = np.abs(np.asarray(small.convert("RGB"), dtype=int) - np.asarray(want.convert("RGB"), dtype=int))
+    assert small.mode == "P" and diff.mean() < 1.0 and np.percentile(diff, 99.9) < 24
+    assert (np.asarray(small.convert("RGB"))[:8] > 250).all()
 
 
 def test_two_rows_make_a_png(tmp_path):

@@ -125,8 +125,31 @@ def plot_sweeps(
     fig.suptitle(head + (f"  ({note})" if note else ""), fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
+    save_png(fig, path, dpi)
     return path
+
+
+def save_png(fig, path: Path, dpi: int) -> None:
+    """The figure as a 256-colour palette PNG: a line plot needs no more, and the file is about a
+    third of matplotlib's RGBA one (the repository keeps every report's plot)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    buf.seek(0)
+    with Image.open(buf) as im:
+        palette_png(im).save(path, format="PNG", optimize=True)
+
+
+def palette_png(im):
+    """An image flattened onto white and reduced to a 256-colour palette."""
+    from PIL import Image
+
+    rgba = im.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB").quantize(256)
 
 
 def report_png(result: dict, path: str | Path) -> Path | None:
