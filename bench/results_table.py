@@ -297,15 +297,28 @@ def state_path(path: str) -> Path:
     return Path(stem + ".state.json")
 
 
+def finished(result: dict) -> set | None:
+    """A partial report's finished attacks as (attack, norm, radius, steps, EOT), the sections the
+    paired block may read from its state file (which the run goes on writing); None for a finished
+    run (every section)."""
+    if not result.get("partial"):
+        return None
+    return {
+        (e["name"], e["norm"].lower(), round(e["eps"], 5), e["steps"], e["eot"])
+        for e in result.get("robust", [])
+    }
+
+
 def paired_block(rows: list[tuple[str, dict]], base: str) -> list[str]:
     """Every row but ``base`` minus ``base``, per image, at each threat model both attacked."""
-    states = {}
+    states, only = {}, {}
     for label, r in rows:
         paths = [state_path(q) for q in r["_files"]]
         states[label] = [compare.load_state(q) for q in paths] if all(q.is_file() for q in paths) else None
+        only[label] = [finished(part) for part in r["_parts"]]
     if states.get(base) is None:
         raise SystemExit(f"--paired {base!r}: no such row, or a file of it has no state file beside it")
-    worst_base = compare.worst_images(states[base])
+    worst_base = compare.worst_images(states[base], only[base])
     head = ["model"] + [c[0] for c in PAIRED]
     lines = [
         "",
@@ -328,7 +341,7 @@ def paired_block(rows: list[tuple[str, dict]], base: str) -> list[str]:
             continue
         try:
             compare.same_images(states[label][0], states[base][0])
-            worst = compare.worst_images(states[label])
+            worst = compare.worst_images(states[label], only[label])
         except compare.CompareError:
             lines.append(f"| {label} |" + " other images |" * len(PAIRED))
             continue

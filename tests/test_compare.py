@@ -9,7 +9,14 @@ import torch
 
 from atop.cli import main as atop
 from training.eval.cascade import Scores
-from training.eval.compare import CompareError, compare, compare_worst, robust_images, worst_images
+from training.eval.compare import (
+    CompareError,
+    attack_of,
+    compare,
+    compare_worst,
+    robust_images,
+    worst_images,
+)
 from training.eval.stats import paired_difference
 
 N = 8
@@ -121,6 +128,11 @@ def test_the_worst_case_joins_every_finished_attack_at_a_radius_image_by_image()
     assert worst_images([a, b])[("linf", 0.03137)].tolist() == [True, False, False, True] + [False] * 4
     with pytest.raises(CompareError, match="seed"):
         worst_images([a, _state([1] * N, targets=[0], survived=[1], seed=1)])
+    # only the attacks a partial report lists as finished: the state may have moved on since
+    listed = {("pgd", "linf", 0.03137, 50, 1)}
+    assert attack_of(SECTION) == ("pgd", "linf", 0.03137, 50, 1) and attack_of("main/clean") is None
+    assert worst_images([a], [listed])[("linf", 0.03137)].tolist() == [True] * 4 + [False] * 4
+    assert ("l2", 0.5) not in worst_images([a], [listed])
     # paired against another model: a row per threat model both attacked
     other = _state([1] * N, targets=list(range(N)), survived=[1, 1, 1, 1, 1, 1, 0, 0])
     (row,) = compare_worst([a], [other])

@@ -99,17 +99,34 @@ def threat(section: str) -> tuple[str, float] | None:
         return None
 
 
-def worst_images(states: list[dict]) -> dict[tuple[str, float], torch.Tensor]:
+def attack_of(section: str) -> tuple[str, str, float, int, int] | None:
+    """(attack, norm, radius, steps, EOT) of a headline attack section; None for anything else."""
+    t = threat(section)
+    parts = section.split("/")
+    if t is None or len(parts) < 6 or parts[4][:1] != "s" or parts[5][:1] != "e":
+        return None
+    try:
+        return parts[1], *t, int(parts[4][1:]), int(parts[5][1:])
+    except ValueError:
+        return None
+
+
+def worst_images(
+    states: list[dict], only: list[set | None] | None = None
+) -> dict[tuple[str, float], torch.Tensor]:
     """Per threat model, bool [n]: the images robust to every finished headline attack at that
     radius in any of ``states`` (one model's files, on the same images). An unfinished section
-    (a run still going) is left out, as the partial report leaves it out of its worst case."""
+    (a run still going) is left out, as the partial report leaves it out of its worst case.
+    ``only``, per state: None, or the (attack, norm, radius, steps, EOT) to count (a partial
+    report's finished attacks, so the answer does not move while the run goes on)."""
     n = same_images(states[0], states[0])
     out: dict[tuple[str, float], torch.Tensor] = {}
-    for st in states:
+    for i, st in enumerate(states):
         same_images(states[0], st)
+        keep = only[i] if only else None
         for name, sec in st["sections"].items():
             t = threat(name)
-            if t is None:
+            if t is None or (keep is not None and attack_of(name) not in keep):
                 continue
             try:
                 robust = robust_images(sec, n)
