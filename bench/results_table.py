@@ -119,7 +119,11 @@ def pending_at(worst: dict, result: dict) -> list[str]:
     """A partial report's attacks at this worst case's threat model that have not finished."""
     if not result.get("partial"):
         return []
-    done = {(e.get("name"), e["steps"], e["eot"]) for e in result.get("robust", [])}
+    done = {
+        (e.get("name"), e["steps"], e["eot"])
+        for e in result.get("robust", [])
+        if e["norm"] == worst["norm"] and close(e["eps"], worst["eps"])
+    }
     return [
         a["name"]
         for a in result.get("protocol", {}).get("attacks", [])

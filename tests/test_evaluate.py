@@ -323,6 +323,14 @@ def test_a_partial_report_shows_the_finished_attacks_of_a_run_still_going(traine
     assert rt.worst_cell(row, "Linf", 0.25, True).startswith("≤ ") and "square pending" in rt.worst_cell(
         row, "Linf", 0.25, True
     )
+    # an attack finished at one radius is still pending at another with the same budget
+    two = [
+        {"name": "pgd", "norm": n, "eps": e, "steps": 2, "eot": 2}
+        for n, e in (("linf", 8 / 255), ("l2", 0.5))
+    ]
+    fake = {"partial": True, "robust": [two[0] | {"norm": "Linf"}], "protocol": {"attacks": two}}
+    assert rt.pending_at({"norm": "L2", "eps": 0.5}, fake) == ["pgd"]
+    assert rt.pending_at({"norm": "Linf", "eps": 8 / 255}, fake) == []
     whole = rt.merge([str(tmp_path / "ref.json")])
     assert whole["worst_case"][0]["_pending"] == [] and not rt.worst_cell(
         whole, "Linf", 0.25, True
