@@ -115,21 +115,29 @@ def runs_of(worst: dict, result: dict) -> frozenset:
     )
 
 
+def finished(result: dict) -> set | None:
+    """A partial report's finished attacks as (attack, norm, radius, steps, EOT), the sections the
+    paired block may read from its state file (which the run goes on writing); None for a finished
+    run (every section)."""
+    if not result.get("partial"):
+        return None
+    return {
+        (e["name"], e["norm"].lower(), round(e["eps"], 5), e["steps"], e["eot"])
+        for e in result.get("robust", [])
+    }
+
+
 def pending_at(worst: dict, result: dict) -> list[str]:
     """A partial report's attacks at this worst case's threat model that have not finished."""
-    if not result.get("partial"):
+    done = finished(result)
+    if done is None:
         return []
-    done = {
-        (e.get("name"), e["steps"], e["eot"])
-        for e in result.get("robust", [])
-        if e["norm"] == worst["norm"] and close(e["eps"], worst["eps"])
-    }
     return [
         a["name"]
         for a in result.get("protocol", {}).get("attacks", [])
         if a["norm"] == worst["norm"].lower()
         and close(a["eps"], worst["eps"])
-        and (a["name"], a["steps"], a["eot"]) not in done
+        and (a["name"], a["norm"], round(a["eps"], 5), a["steps"], a["eot"]) not in done
     ]
 
 
@@ -301,18 +309,6 @@ def state_path(path: str) -> Path:
     return Path(stem + ".state.json")
 
 
-def finished(result: dict) -> set | None:
-    """A partial report's finished attacks as (attack, norm, radius, steps, EOT), the sections the
-    paired block may read from its state file (which the run goes on writing); None for a finished
-    run (every section)."""
-    if not result.get("partial"):
-        return None
-    return {
-        (e["name"], e["norm"].lower(), round(e["eps"], 5), e["steps"], e["eot"])
-        for e in result.get("robust", [])
-    }
-
-
 def paired_block(rows: list[tuple[str, dict]], base: str) -> list[str]:
     """Every row but ``base`` minus ``base``, per image, at each threat model both attacked."""
     states, only = {}, {}
@@ -325,7 +321,6 @@ def paired_block(rows: list[tuple[str, dict]], base: str) -> list[str]:
     worst_base = compare.worst_images(states[base], only[base])
     head = ["model"] + [c[0] for c in PAIRED]
     lines = [
-        "",
         f"### Paired differences against {base.strip('*')}",
         "",
         "Image by image on the same images (the rows' state files): each row's worst case over every "
@@ -384,11 +379,10 @@ def table(rows: list[tuple[str, dict]], costs: dict[str, dict] | None = None, pa
         "measurement for. Robust figures are the vote of the row's draws (the service with "
         "samples=k). Cost: one answer (all its draws) per image.",
         "",
-        "### Protocol",
-        "",
     ]
     if paired:
-        lines[lines.index("### Protocol") - 1 : lines.index("### Protocol") - 1] = paired_block(rows, paired)
+        lines += paired_block(rows, paired) + [""]
+    lines += ["### Protocol", ""]
     lines += [protocol_line(label, r) for label, r in rows]
     failed = [
         label

@@ -119,7 +119,7 @@ def worst_images(
     (a run still going) is left out, as the partial report leaves it out of its worst case.
     ``only``, per state: None, or the (attack, norm, radius, steps, EOT) to count (a partial
     report's finished attacks, so the answer does not move while the run goes on)."""
-    n = same_images(states[0], states[0])
+    n = int(states[0]["identity"]["n"])
     out: dict[tuple[str, float], torch.Tensor] = {}
     for i, st in enumerate(states):
         same_images(states[0], st)
