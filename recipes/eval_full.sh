@@ -28,6 +28,18 @@
 # threat models it has not reached (PREFILTER_OF: AToP over the AT f, begun before the
 # prefilter existed, takes it before flow, where PGD-50 x EOT-8 left 0.8%).
 #
+# Reuse (atop eval --reuse): a run takes, from another state file of the same evaluation (same
+# model and images), every attack section they share, instead of attacking again: the l2aa run
+# of a row takes its leekim run's l2 prefilter and PGD-200 (and adds AutoAttack on what they
+# left); REUSE_OF names the older runs whose sections a queued run shares (the PGD-50 x EOT-8
+# runs of docs/results.md are the prefilters of AToP over the AT f at 4/255 and 12/255, and of
+# AP over the AT f at 8/255). AToP over the AT f ran its leekim l2 PGD-200 without a prefilter,
+# so its l2aa run goes without one too (PREFILTER_OF ":flow", a threat model that run lacks).
+#
+# A run already going (an `atop eval` with the same --out, e.g. left by a driver that was
+# stopped) is skipped, and JOBS counts every `atop eval` on the machine, so a restarted driver
+# neither runs one evaluation twice nor oversubscribes the cores.
+#
 # PARTIAL=1: attack nothing; for every queued run with a state file and no JSON yet, write
 # OUT/<name>.partial.json/.md, the attacks it has finished (atop eval --partial; safe while the
 # run goes on), which docs/results_table.args can list until the run ends.
@@ -48,7 +60,12 @@ ONLY=${ONLY:-}
 PREFILTER=${PREFILTER:-50x8}
 PARTIAL=${PARTIAL:-}
 DRY=${DRY:-}
-declare -A PREFILTER_OF=([eval-atop-at-leekim]=":flow")  # appended to PREFILTER for that run
+declare -A PREFILTER_OF=([eval-atop-at-leekim]=":flow" [eval-atop-at-l2aa]=":flow")  # appended to PREFILTER
+declare -A REUSE_OF=(  # state files (in OUT, without .state.json) a run takes shared sections from
+  [eval-atop-at-linf4]="unseen-atopat-linf4"
+  [eval-atop-at-linf12]="unseen-atopat-linf12"
+  [eval-ap-at-leekim]="eval-ap-at-pgd50"
+)
 N=${N:-512}
 OUT=${OUT:-artifacts/cifar10-cpu}
 AP=artifacts/cifar10-cpu/purifier.safetensors        # the pre-trained purifier (AP)
@@ -93,6 +110,11 @@ one() {  # one ROW PROTOCOL : one `atop eval`, skipped when its JSON exists
   if [ "$PREFILTER" != none ]; then pre="--prefilter $PREFILTER${PREFILTER_OF[$name]:-}"; fi
   # shellcheck disable=SC2206
   args+=($pre)
+  local donor donors=${REUSE_OF[$name]:-}
+  if [ "$2" = l2aa ]; then donors+=" eval-$1-leekim"; fi
+  for donor in $donors; do
+    if [ -f "$OUT/$donor.state.json" ]; then args+=(--reuse "$OUT/$donor.state.json"); fi
+  done
   if [ -n "$PARTIAL" ]; then  # the report of what its state has finished, with the run's own flags
     if [ ! -f "$OUT/$name.state.json" ]; then return; fi
     if [ -n "$DRY" ]; then atop_eval "${args[@]}" --threads 1 --partial; return; fi
@@ -100,6 +122,7 @@ one() {  # one ROW PROTOCOL : one `atop eval`, skipped when its JSON exists
     return
   fi
   if [ -n "$DRY" ]; then atop_eval "${args[@]}" --threads "$THREADS"; return; fi
+  if running "$name"; then echo "[$name] already running (pid $(running "$name")), skipping"; return; fi
   echo "[$name] $(date -u +%FT%TZ) started $pre (log runs/$name.log)"
   if OMP_NUM_THREADS=$THREADS atop_eval "${args[@]}" --threads "$THREADS" >> "runs/$name.log" 2>&1; then
     echo "[$name] $(date -u +%FT%TZ) finished: $OUT/$name.json"
@@ -108,7 +131,15 @@ one() {  # one ROW PROTOCOL : one `atop eval`, skipped when its JSON exists
   fi
 }
 
-throttle() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done; }
+running() {  # running NAME : the pid of an `atop eval` writing OUT/NAME, if any
+  pgrep -f -- "atop eval .*--out $OUT/$1( |\$)" | head -1 | grep .
+}
+others() {  # the `atop eval` runs on the machine (PARTIAL and DRY runs do not count them)
+  if [ -n "$PARTIAL$DRY" ]; then echo 0; else pgrep -fc -- "atop eval --data" || true; fi
+}
+throttle() {  # wait for a free slot: JOBS counts our jobs and every other `atop eval` running
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ] || [ "$(others)" -ge "$JOBS" ]; do sleep 20; done
+}
 
 mkdir -p runs "$OUT"
 # The order: the main protocol of the closest rival of the shipped AT model (AToP over the AT f),
@@ -123,7 +154,7 @@ for job in $QUEUE; do
   row=${job%%:*} protocol=${job#*:}
   if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$row,"* && ",$ONLY," != *",eval-$row-$protocol,"* ]]; then continue; fi
   throttle
-  if [ -n "$DRY" ]; then one "$row" "$protocol"; else one "$row" "$protocol" & fi
+  if [ -n "$DRY" ]; then one "$row" "$protocol"; else one "$row" "$protocol" & [ -n "$PARTIAL" ] || sleep 10; fi
 done
 wait
 if [ -n "$DRY" ]; then exit 0; fi

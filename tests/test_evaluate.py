@@ -170,6 +170,42 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(trained, tmp_path, monke
         run(EvalConfig(**{**common, "seed": 1}, out=str(tmp_path / "cut")))
 
 
+def test_reuse_takes_the_shared_attacks_from_another_run_of_the_same_evaluation(
+    trained, tmp_path, monkeypatch
+):
+    """--reuse: a run whose protocol shares an attack with another run's state (same attack,
+    budget and cascade) copies that attack's batches in and attacks only what is new, with the
+    numbers it would have computed itself; a state of another evaluation is refused."""
+    data, clf, pur = trained
+    common = dict(data=str(data), classifier=str(clf), purifier=str(pur), eps=0.25, steps=2, eot=2)
+    common |= dict(square_queries=20, n=16, clean_n=8, samples=2, batch_size=4, sanity=False)
+    both = dict(common, attacks=("pgd", "square"))
+    reference = run(EvalConfig(**both, out=str(tmp_path / "ref")))
+    run(EvalConfig(**common, attacks=("pgd",), out=str(tmp_path / "pgd")))
+    run(EvalConfig(**common, attacks=("pgd",), seed=1, out=str(tmp_path / "other")))
+    real, calls = cascade.run_attack, []
+
+    def counted(spec, *a, **kw):
+        calls.append(spec.name)
+        return real(spec, *a, **kw)
+
+    monkeypatch.setattr(cascade, "run_attack", counted)
+    reused = run(EvalConfig(**both, reuse=(str(tmp_path / "pgd.state.json"),), out=str(tmp_path / "re")))
+    assert calls and set(calls) == {"square"}  # PGD's batches were copied, only Square attacked
+    timeless = lambda res: [{k: v for k, v in r.items() if k != "wall_s"} for r in res["robust"]]  # noqa: E731
+    assert timeless(reused) == timeless(reference) and reused["worst_case"] == reference["worst_case"]
+    ref_sections = json.loads((tmp_path / "ref.state.json").read_text())["sections"]
+    sections = json.loads((tmp_path / "re.state.json").read_text())["sections"]
+    assert {k: v["done"].keys() for k, v in sections.items() if "done" in v} == {
+        k: v["done"].keys() for k, v in ref_sections.items() if "done" in v
+    }  # the run's own state is whole: it resumes without the other file
+    with pytest.raises(ValueError, match="different evaluation"):
+        run(EvalConfig(**both, reuse=(str(tmp_path / "other.state.json"),), out=str(tmp_path / "bad")))
+    with pytest.raises(ValueError, match="not a readable eval state"):
+        run(EvalConfig(**both, reuse=(str(tmp_path / "missing.json"),), out=str(tmp_path / "bad")))
+    assert not (tmp_path / "bad.state.json").exists()
+
+
 def test_a_prefilter_leaves_the_costly_attack_only_its_survivors(trained, tmp_path):
     """--prefilter: the cheap PGD runs first on every clean-correct image, the costly one only on
     the images it left robust; the costly figure is cumulative (after the prefilter) and so never
@@ -597,7 +633,8 @@ def test_the_full_evaluation_recipe_queues_valid_commands_in_order(tmp_path):
     """recipes/eval_full.sh under DRY=1: every queued `atop eval` line parses with the real CLI;
     the order puts the main protocol of AToP over the AT f, AToP and AP over the standard f first,
     then AToP over the AT f at the unseen radii; the prefilter goes on every run, before flow only
-    on the one begun without it; a run with its JSON is skipped; PARTIAL=1 reports only runs with a state file,
+    on the one begun without it (and its l2aa run); a run takes --reuse of the state files it
+    shares attacks with, where they exist; a run with its JSON is skipped; PARTIAL=1 reports only runs with a state file,
     with the very flags of the run."""
     import shlex
 
@@ -631,14 +668,28 @@ def test_the_full_evaluation_recipe_queues_valid_commands_in_order(tmp_path):
         "eval-ap-at-leekim",
     ]
     assert len(set(names)) == 16 and all(a.data == "somewhere" and a.n == 512 for a in parsed)
-    assert [a.prefilter for a in parsed] == [(50, 8, ("flow",))] + [(50, 8)] * 15
+    pre = {Path(a.out).name: a.prefilter for a in parsed}
+    assert pre.pop("eval-atop-at-leekim") == pre.pop("eval-atop-at-l2aa") == (50, 8, ("flow",))
+    assert set(pre.values()) == {(50, 8)}
     assert all(a.prefilter is None for a in map(flags, queue(PREFILTER="none")))
 
+    assert not any(a.reuse for a in parsed)  # no state files in OUT yet: nothing to reuse
+    for donor in ("eval-v6-leekim", "eval-atop-at-leekim", "unseen-atopat-linf4"):
+        (tmp_path / f"{donor}.state.json").write_text("{}")
+    reuse = {Path(a.out).name: [Path(r).name for r in a.reuse] for a in map(flags, queue())}
+    assert reuse["eval-v6-l2aa"] == ["eval-v6-leekim.state.json"]  # its l2 prefilter and PGD-200
+    assert reuse["eval-atop-at-l2aa"] == ["eval-atop-at-leekim.state.json"]
+    assert reuse["eval-atop-at-linf4"] == ["unseen-atopat-linf4.state.json"]
+    assert sum(map(bool, reuse.values())) == 3
+    # AToP over the AT f ran its leekim l2 PGD-200 without a prefilter: its l2aa run too
+    assert flags(next(x for x in queue() if "eval-atop-at-l2aa " in x)).prefilter == (50, 8, ("flow",))
     (tmp_path / "eval-v6-leekim.json").write_text("{}")
     (tmp_path / "eval-ap-v6-leekim.state.json").write_text("{}")
     skipped = queue()
     assert "[eval-v6-leekim] done, skipping" in skipped and len(skipped) == 16
-    (partial,) = [line for line in queue(PARTIAL="1") if line.startswith("atop eval")]
+    partials = [line for line in queue(PARTIAL="1") if line.startswith("atop eval")]
+    # the runs with a state file and no JSON (eval-v6-leekim has its JSON now)
+    assert [Path(flags(x).out).name for x in partials] == ["eval-atop-at-leekim", "eval-ap-v6-leekim"]
     run_line = next(line for line in lines if "eval-ap-v6-leekim " in line)
-    assert partial == run_line.replace("--threads 1", "--threads 1 --partial")
-    assert flags(partial).partial
+    assert partials[1] == run_line.replace("--threads 1", "--threads 1 --partial")
+    assert flags(partials[1]).partial

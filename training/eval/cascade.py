@@ -164,11 +164,17 @@ def resume_key(identity: dict) -> dict:
 
 
 class EvalState:
-    """The JSON state file: {"identity": ..., "sections": {name: {...}}}, rewritten atomically."""
+    """The JSON state file: {"identity": ..., "sections": {name: {...}}}, rewritten atomically.
 
-    def __init__(self, path: Path | None, identity: dict):
+    ``reuse``: other state files of the same evaluation (same model, images, seed, draws and
+    batch; another protocol). A section's name fixes its attack, its cascade and every seed, so a
+    section this run needs that one of them holds is the same computation: its finished batches
+    are copied in (when first asked for) instead of recomputed."""
+
+    def __init__(self, path: Path | None, identity: dict, reuse: tuple[Path, ...] = ()):
         self.path = path
         self.data = {"identity": identity, "sections": {}}
+        self.donors = [(Path(d), _donor_sections(Path(d), identity)) for d in reuse]
         if path is not None and path.is_file():
             saved = json.loads(path.read_text())
             if resume_key(saved.get("identity") or {}) != resume_key(identity):
@@ -186,7 +192,17 @@ class EvalState:
             log.info("resuming from %s (%d sections)", path, len(saved["sections"]))
 
     def section(self, name: str) -> dict:
-        return self.data["sections"].setdefault(name, {})
+        sec = self.data["sections"].setdefault(name, {})
+        for path, sections in self.donors:
+            _merge(sec, sections.get(name), name, path)
+        return sec
+
+    def peek(self, name: str) -> dict:
+        """The section as ``section`` would give it, leaving the state unchanged."""
+        sec = copy.deepcopy(self.data["sections"].get(name, {}))
+        for path, sections in self.donors:
+            _merge(sec, sections.get(name), name, path, quiet=True)
+        return sec
 
     def save(self) -> None:
         if self.path is None:
@@ -194,6 +210,43 @@ class EvalState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as tmp:
             tmp.write_text(json.dumps(self.data) + "\n")
+
+
+def _donor_sections(path: Path, identity: dict) -> dict:
+    """The sections of the state file ``path``, which must belong to the same evaluation."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--reuse {path}: not a readable eval state file ({e})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("sections"), dict):
+        raise ValueError(f"--reuse {path}: not an eval state file (no sections)")
+    if resume_key(saved.get("identity") or {}) != resume_key(identity):
+        raise ValueError(
+            f"--reuse {path}: that state belongs to a different evaluation (other model, subset, seed, "
+            "samples, batch size or evaluator version), so its results cannot stand for this one's"
+        )
+    return saved["sections"]
+
+
+def _merge(sec: dict, donor: dict | None, name: str, path: Path, quiet: bool = False) -> None:
+    """Copy into ``sec`` what ``donor`` (the same section of another state) has finished and
+    ``sec`` has not: clean scores, or attack batches over the same targets."""
+    if not donor:
+        return
+    if "scores" in donor and "scores" not in sec:
+        sec["scores"] = copy.deepcopy(donor["scores"])
+        if not quiet:
+            log.info("%s: taken from %s", name, path)
+    if "targets" not in donor:
+        return
+    if "targets" not in sec:
+        sec.update(targets=list(donor["targets"]), done={})
+    if sec["targets"] != donor["targets"]:  # cannot happen for one evaluation; never mix
+        raise ValueError(f"--reuse {path}: section {name} attacks other images than this run's")
+    new = {b: copy.deepcopy(r) for b, r in donor.get("done", {}).items() if b not in sec["done"]}
+    sec["done"].update(new)
+    if new and not quiet:
+        log.info("%s: %d finished batches taken from %s", name, len(new), path)
 
 
 @dataclass
@@ -285,7 +338,7 @@ def run_attacks(
         base = worst.get(spec.threat, clean) if spec.cascade else clean
         key = f"{name}/{spec.key}/after:{before}"
         if finished_only:
-            sec = state.data["sections"].get(key, {})
+            sec = state.peek(key)
             n_chunks = -(-len(sec.get("targets", [])) // batch_size)
             if (
                 (spec.cascade and spec.threat in blocked)

@@ -78,6 +78,7 @@ class EvalConfig:
     force: bool = False  # allow EOT 1 on a randomized model
     record: bool = False
     partial: bool = False  # report the attacks the state file has finished, attack nothing
+    reuse: tuple[str, ...] = ()  # state files of the same evaluation whose finished sections are copied in
     serve_samples: bool = False  # with record: the new version answers with `samples` draws by default
 
 
@@ -303,6 +304,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "own figure becomes cumulative). Saves most where a cheap attack breaks most images. 50x8:flow "
         "(or :linf, :l2, comma-separated) puts it only before those threat models' attacks",
     )
+    a(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="STATE",
+        help="another run's state file of the same evaluation (same model, images, seed, --samples, "
+        "--batch-size; another protocol): every attack section this run shares with it (same attack, "
+        "budget, step and cascade, so the same seeds) is copied in instead of recomputed. Repeatable; "
+        "a state of another evaluation is refused",
+    )
     a("--sweep", action="store_true", help="custom protocol: add the ε sweep (plot, monotonicity check)")
     a("--sweep-n", type=COUNT0, default=d.sweep_n, help="images for the sweep (default: the preset's)")
     a(
@@ -389,6 +400,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     values = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if hasattr(args, f.name)}
     values["attacks"] = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    values["reuse"] = tuple(args.reuse)
     if args.estimate:
         print(estimate_only(EvalConfig(**values), args.survival))  # noqa: T201
         return 0

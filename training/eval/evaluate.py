@@ -285,7 +285,7 @@ def _start(cfg, target: Target, proto: Protocol, state_path: Path | None) -> _Ru
     identity = {"source": target.source, "role": target.role, "rt": target.spec and target.spec.to_dict()}
     identity |= {k: getattr(cfg, k) for k in ("data", "n", "seed", "samples", "batch_size")}
     identity["evaluator"] = EVALUATOR_VERSION
-    state = EvalState(state_path, identity)
+    state = EvalState(state_path, identity, tuple(Path(r) for r in cfg.reuse))
     scorer = Scorer(target, cfg.samples, len(y), derive_seed(cfg.seed, "fixed"), cfg.device)
     return _Run(test, x, y, detected, proto, state, scorer, checks)
 
@@ -373,7 +373,7 @@ def partial_report(cfg, target: Target, proto: Protocol, state_path: Path) -> di
         raise FileNotFoundError(f"{state_path}: no state file, so nothing to report (start the run first)")
     run = _start(cfg, target, proto, state_path)
     run.state.path = None  # read only: the running evaluation owns the file
-    if "scores" not in run.state.data["sections"].get("main/clean", {}):
+    if "scores" not in run.state.peek("main/clean"):
         raise ValueError(f"{state_path}: the run has not scored its clean images yet; nothing to report")
     clean = clean_scores(run.scorer, run.x, run.y, run.state, "main", cfg.seed, cfg.batch_size)
     kw = dict(seed=cfg.seed, batch_size=cfg.batch_size, finished_only=True)
