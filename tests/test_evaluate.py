@@ -206,6 +206,22 @@ def test_reuse_takes_the_shared_attacks_from_another_run_of_the_same_evaluation(
     assert not (tmp_path / "bad.state.json").exists()
 
 
+def test_a_state_file_has_one_writer_at_a_time(trained, tmp_path):
+    """Two `atop eval` on one state file would each rewrite it from their own copy and drop the
+    other's batches: the second is refused with one line, and the file is free again after."""
+    data, clf, pur = trained
+    cfg = EvalConfig(
+        data=str(data), classifier=str(clf), purifier=str(pur), eps=0.25, steps=2, eot=2, n=8, clean_n=8,
+        samples=2, batch_size=4, sanity=False, out=str(tmp_path / "one"),
+    )  # fmt: skip
+    with cascade.EvalState(tmp_path / "one.state.json", {}).claimed():
+        with pytest.raises(ValueError, match=r"another atop eval \(pid \d+\) is writing"):
+            run(cfg)
+        assert atop(["eval", *f"--data {data} --classifier {clf} --purifier {pur} --n 8 --samples 2".split(),
+                     "--out", str(tmp_path / "one")]) == 2  # fmt: skip
+    assert run(cfg)["robust"][0]["attacked"] > 0
+
+
 def test_a_prefilter_leaves_the_costly_attack_only_its_survivors(trained, tmp_path):
     """--prefilter: the cheap PGD runs first on every clean-correct image, the costly one only on
     the images it left robust; the costly figure is cumulative (after the prefilter) and so never

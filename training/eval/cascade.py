@@ -25,11 +25,15 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +194,34 @@ class EvalState:
                 saved["identity"] = identity
             self.data = saved
             log.info("resuming from %s (%d sections)", path, len(saved["sections"]))
+
+    @contextlib.contextmanager
+    def claimed(self):
+        """Hold this state file while the block runs: a second ``atop eval`` writing the same
+        file would rewrite it from its own copy and drop the other's batches, so it is refused.
+        The lock is an flock on a file under the temp directory named after the state's path; it
+        is released at the end of the block, and by the kernel if the process dies."""
+        if self.path is None:
+            yield self
+            return
+        key = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
+        lock = Path(tempfile.gettempdir()) / "atop-eval-locks" / f"{key}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                raise ValueError(
+                    f"{self.path}: another atop eval (pid {holder}) is writing this state file; wait "
+                    "for it to end (or stop it) before resuming, or choose another --out"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
 
     def section(self, name: str) -> dict:
         sec = self.data["sections"].setdefault(name, {})

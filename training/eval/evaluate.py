@@ -324,6 +324,11 @@ def _clean_block(cfg, target: Target, run: _Run) -> dict:
 def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> dict:
     t0 = time.time()
     run = _start(cfg, target, proto, state_path)
+    with run.state.claimed():  # one writer per state file
+        return _attack(cfg, target, run, t0)
+
+
+def _attack(cfg, target: Target, run: _Run, t0: float) -> dict:
     proto, x, y, state, scorer = run.proto, run.x, run.y, run.state, run.scorer
     n = len(y)
     clean = clean_scores(scorer, x, y, state, "main", cfg.seed, cfg.batch_size)
