@@ -131,11 +131,14 @@ one() {  # one ROW PROTOCOL : one `atop eval`, skipped when its JSON exists
   fi
 }
 
-running() {  # running NAME : the pid of an `atop eval` writing OUT/NAME, if any
-  pgrep -f -- "atop eval .*--out $OUT/$1( |\$)" | head -1 | grep .
+evals() {  # "PID COMMAND LINE" of every `atop eval` on the machine
+  pgrep -fa -- "atop eval --data" || true
 }
-others() {  # the `atop eval` runs on the machine (PARTIAL and DRY runs do not count them)
-  if [ -n "$PARTIAL$DRY" ]; then echo 0; else pgrep -fc -- "atop eval --data" || true; fi
+running() {  # running NAME : the pid of an `atop eval` writing OUT/NAME, if any
+  evals | grep -E -- "--out $OUT/$1( |\$)" | head -1 | cut -d' ' -f1 | grep .
+}
+others() {  # how many `atop eval` run on the machine (PARTIAL and DRY runs do not count them)
+  if [ -n "$PARTIAL$DRY" ]; then echo 0; else evals | wc -l; fi
 }
 throttle() {  # wait for a free slot: JOBS counts our jobs and every other `atop eval` running
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ] || [ "$(others)" -ge "$JOBS" ]; do sleep 20; done
