@@ -285,7 +285,7 @@ def protocol_line(label: str, result: dict) -> str:
         lines.append(
             f"{where}preset `{p.get('preset', '?')}`, {p.get('n_images', '?')} images (subset seed "
             f"{p.get('subset_seed', '?')}), clean on {part.get('n_images') or '–'}; {attacks}; {sane}; "
-            f"wall {hours(part.get('wall_s', 0))}"
+            f"wall {hours(max(part.get('wall_s', 0), part.get('attack_wall_s', 0)))}"
         )
     role = result.get("target", {}).get("description", "")
     votes = result.get("scoring", {}).get("samples", "?")

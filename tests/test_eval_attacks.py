@@ -144,6 +144,19 @@ def test_other_sanity_checks():
     assert [c.status for c in bad] == [sanity.FAIL, sanity.FAIL]
     assert sanity.convergence(0.5, 0.49, 0.5, 64, "pgd").status == sanity.PASS
     assert sanity.convergence(0.5, 0.40, 0.5, 64, "pgd").status == sanity.FAIL
+    # the paired counts inform; the verdict stays the rule's
+    churn = sanity.convergence(42 / 64, 42 / 64, 38 / 64, 64, "pgd", {"2x steps": (5, 5), "2x EOT": (6, 2)})
+    assert churn.status == sanity.FAIL and "2x EOT broke 6 that 1x left" in churn.detail
+    assert churn.values["paired"]["2x EOT"]["mcnemar_p"] == pytest.approx(0.2891, abs=1e-4)
+    assert churn.values["paired"]["2x steps"]["mcnemar_p"] == 1.0
+
+
+def test_exact_mcnemar_is_the_two_sided_binomial_tail():
+    from training.eval.stats import mcnemar_exact
+
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(10, 0) == pytest.approx(2 / 2**10)
+    assert mcnemar_exact(2, 6) == mcnemar_exact(6, 2) == pytest.approx(2 * (1 + 8 + 28) / 2**8)
     with pytest.raises(ValueError, match="EOT 1"):
         sanity.eot_policy([AttackSpec("pgd", eot=1)], randomized=True, force=False)
     sanity.eot_policy([AttackSpec("pgd", eot=1)], randomized=True, force=True)

@@ -166,6 +166,11 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(trained, tmp_path, monke
     assert len(calls) == batches - 2  # the two finished batches are not attacked again
     for a, b in zip(reference["robust"], resumed["robust"], strict=True):
         assert (a["accuracy"], a["accuracy_single_draw"]) == (b["accuracy"], b["accuracy_single_draw"])
+    calls.clear()
+    again = run(EvalConfig(**common, out=str(tmp_path / "cut")))  # a finished state: nothing to attack
+    assert not calls  # yet its report gives the attacks' time over every run, not this run's
+    assert again["attack_wall_s"] == resumed["attack_wall_s"]
+    assert again["attack_wall_s"] == pytest.approx(sum(r["wall_s"] for r in again["robust"]), abs=0.2)
     with pytest.raises(ValueError, match="different evaluation"):
         run(EvalConfig(**{**common, "seed": 1}, out=str(tmp_path / "cut")))
 
@@ -237,6 +242,11 @@ def test_a_prefilter_leaves_the_costly_attack_only_its_survivors(trained, tmp_pa
     ]
     assert f"after its 4x1 prefilter ({attacked} of 48 left)" in conv["detail"] and 0 < attacked < 48
     assert conv["values"]["n_images"] == 48 and conv["values"]["steps_x2"] <= attacked / 48
+    v, paired = conv["values"], conv["values"]["paired"]["2x steps"]  # per image, on the same 48
+    assert (
+        round((v["base"] - v["steps_x2"]) * 48)
+        == paired["broken_by_variant_only"] - paired["broken_by_1x_only"]
+    )
     assert attacked == res["robust"][1]["attacked"]  # the subset is every image: the same survivors
     cheap, costly = res["robust"]
     assert (cheap["steps"], costly["steps"]) == (4, 8) and res["protocol"]["prefilter"] == {

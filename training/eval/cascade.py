@@ -236,6 +236,18 @@ class EvalState:
             _merge(sec, sections.get(name), name, path, quiet=True)
         return sec
 
+    def attack_wall_s(self) -> float:
+        """Seconds the finished attack batches of this state took, over every run that wrote it
+        (a resumed run's own wall time counts only its last stretch)."""
+        return round(
+            sum(
+                float(b.get("wall_s", 0.0))
+                for sec in self.data["sections"].values()
+                for b in (sec.get("done") or {}).values()
+            ),
+            1,
+        )
+
     def save(self) -> None:
         if self.path is None:
             return

@@ -220,19 +220,31 @@ def _convergence(cfg, target, proto, x, y, clean, scorer, state, main) -> sanity
         state,
         **kw,
     )
-    accs = [float(o.after.vote.sum()) / n for o in outs]
+    # per image of the subset, robust (1) or not: an image the prefilter broke is broken on both sides
+    kept = torch.isin(sub, attacked)
+    per_image = []
+    for o in outs:
+        v = torch.zeros(n)
+        v[kept] = o.after.vote
+        per_image.append(v)
     if chain is not None:
-        accs.insert(0, float(chain[1].after.vote[sub].mean()))
+        per_image.insert(0, chain[1].after.vote[sub])
     elif reuse:
         full = torch.zeros(len(y))
         full[reuse[0].targets] = reuse[0].alone.vote
-        accs.insert(0, float(full[sub].mean()))
+        per_image.insert(0, full[sub])
+    accs = [float(v.mean()) for v in per_image]
+    one = per_image[0] > 0.5
+    paired = {
+        k: (int((one & (v <= 0.5)).sum()), int((~one & (v > 0.5)).sum()))
+        for k, v in zip(("2x steps", "2x EOT"), per_image[1:], strict=False)
+    }
     label = base_spec.label(target.randomized)
     if chain is not None:
         label += (
             f" after its {proto.prefilter[0]}x{proto.prefilter[1]} prefilter ({len(attacked)} of {n} left)"
         )
-    return sanity.convergence(accs[0], accs[1], accs[2] if target.randomized else None, n, label)
+    return sanity.convergence(accs[0], accs[1], accs[2] if target.randomized else None, n, label, paired)
 
 
 def _after_prefilter(proto, main, spec) -> tuple | None:
@@ -363,6 +375,7 @@ def _attack(cfg, target: Target, run: _Run, t0: float) -> dict:
         "sanity": sanity.summarize(checks),
         "cost": measure_cost(target, x[: min(n, cfg.batch_size)], y[: min(n, cfg.batch_size)], cfg.samples),
         "wall_s": round(time.time() - t0, 1),
+        "attack_wall_s": state.attack_wall_s(),
     }
 
 

@@ -134,7 +134,13 @@ def markdown(result: dict) -> str:
         "",
         f"Cost ({c['threads']} threads, batch {c['batch']}): {c['forward_ms_per_image']:.2f} ms per image per "
         f"forward pass, {c['answer_ms_per_image']:.2f} ms per answer ({c['answer_draws']} draws), "
-        f"{c['gradient_ms_per_image']:.2f} ms per attack gradient. Wall time {result['wall_s']:.0f} s.",
+        f"{c['gradient_ms_per_image']:.2f} ms per attack gradient. Wall time {result['wall_s']:.0f} s"
+        + (
+            f" (this run); the attacks took {result['attack_wall_s']:.0f} s in all, over every run that "
+            "wrote its state file."
+            if result.get("attack_wall_s", 0) > result["wall_s"]
+            else "."
+        ),
         "",
     ]
     return "\n".join(lines)

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from training.eval.stats import mcnemar_exact
+
 log = logging.getLogger("atop.eval.sanity")
 
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
@@ -165,7 +167,19 @@ def whitebox_vs_blackbox(outcomes, n: int, tol: float | None = None) -> list[Che
     return checks
 
 
-def convergence(base: float, more_steps: float, more_eot: float | None, n: int, label: str) -> Check:
+def convergence(
+    base: float,
+    more_steps: float,
+    more_eot: float | None,
+    n: int,
+    label: str,
+    paired: dict[str, tuple[int, int]] | None = None,
+) -> Check:
+    """The attack against itself with 2x steps and 2x EOT on the same ``n`` images: FAIL when a
+    variant's accuracy is lower by more than ``slack(n)``. ``paired`` (variant -> images only the
+    variant broke, images only the 1x attack broke) adds the exact McNemar p of each comparison
+    to the detail and values; it informs the reader (on a randomized defense two runs of the
+    same attack break different images) and never changes the verdict."""
     tol = slack(n)
     values = {
         "attack": label,
@@ -183,6 +197,24 @@ def convergence(base: float, more_steps: float, more_eot: float | None, n: int, 
     parts = f"{label} on {n} images: {base:.1%}; 2x steps {more_steps:.1%}" + (
         f"; 2x EOT {more_eot:.1%}" if more_eot is not None else ""
     )
+    if paired:
+        values["paired"] = {
+            k: {
+                "broken_by_variant_only": v,
+                "broken_by_1x_only": o,
+                "mcnemar_p": round(mcnemar_exact(v, o), 4),
+            }
+            for k, (v, o) in paired.items()
+        }
+        parts += (
+            " (paired against 1x: "
+            + "; ".join(
+                f"{k} broke {d['broken_by_variant_only']} that 1x left, 1x broke {d['broken_by_1x_only']} "
+                f"that it left, exact McNemar p = {d['mcnemar_p']:.2f}"
+                for k, d in values["paired"].items()
+            )
+            + ")"
+        )
     if worse:
         return Check(
             "convergence",

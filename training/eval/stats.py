@@ -8,6 +8,9 @@ difference of two.
   17:2635): two figures measured on the *same* images (two rows of one report, best vs final
   iterate, a defense and a baseline on the same seeded subset when per-image results exist).
   Built from the two Wilson intervals and the correlation of the pairs.
+* ``mcnemar_exact`` — the exact (binomial) McNemar test of two paired 0/1 results: used to say
+  whether one attack breaks more images than another beyond what two runs of the same
+  randomized attack already disagree on.
 * ``diff_independent`` — Newcombe's hybrid score interval (method 10 of Newcombe 1998, Stat.
   Med. 17:873) for independent samples. For two rows on the same images whose per-image
   results are not at hand it is conservative (too wide) when the rows agree more than chance,
@@ -66,6 +69,17 @@ def diff_paired(a: int, b: int, c: int, d: int, z: float = Z95) -> tuple[float, 
     lo = diff - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     hi = diff + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
     return diff, max(-1.0, lo), min(1.0, hi)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs (the binomial test of
+    b against Binomial(b + c, 1/2)): whether two attacks on the same images differ beyond the
+    churn of their own randomness. 1.0 when there is no discordant pair."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, j) for j in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def interval(correct: torch.Tensor) -> list[float]:
