@@ -18,7 +18,7 @@ from training.eval import sanity
 from training.eval.attacks import NORM_NAMES, AttackSpec
 from training.eval.cascade import EvalState, Outcome, Scorer, Scores, clean_scores, derive_seed, run_attacks
 from training.eval.protocol import LEEKIM_LINF_ALPHA, Protocol
-from training.eval.stats import interval, paired_difference, wilson
+from training.eval.stats import interval, pair_counts, paired_difference, wilson
 from training.eval.targets import Target
 
 log = logging.getLogger("atop.eval")
@@ -234,9 +234,9 @@ def _convergence(cfg, target, proto, x, y, clean, scorer, state, main) -> sanity
         full[reuse[0].targets] = reuse[0].alone.vote
         per_image.insert(0, full[sub])
     accs = [float(v.mean()) for v in per_image]
-    one = per_image[0] > 0.5
+    # (images only the variant broke, images only the 1x run broke)
     paired = {
-        k: (int((one & (v <= 0.5)).sum()), int((~one & (v > 0.5)).sum()))
+        k: pair_counts(per_image[0], v)[1:3]
         for k, v in zip(("2x steps", "2x EOT"), per_image[1:], strict=False)
     }
     label = base_spec.label(target.randomized)

@@ -88,11 +88,18 @@ def interval(correct: torch.Tensor) -> list[float]:
     return [round(lo, 6), round(hi, 6)]
 
 
+def pair_counts(first: torch.Tensor, second: torch.Tensor) -> tuple[int, int, int, int]:
+    """(both right, only ``first`` right, only ``second`` right, neither) of two 0/1 per-image
+    results on the same images."""
+    f, s = first > 0.5, second > 0.5
+    a, b, c, d = (int(v.sum()) for v in (f & s, f & ~s, ~f & s, ~f & ~s))
+    return a, b, c, d
+
+
 def paired_difference(first: torch.Tensor, second: torch.Tensor) -> dict:
     """Accuracy of ``first`` minus that of ``second`` (0/1 per image, the same images), with
     Newcombe's paired 95% interval."""
-    f, s = first > 0.5, second > 0.5
-    a, b, c, d = (int(v.sum()) for v in (f & s, f & ~s, ~f & s, ~f & ~s))
+    a, b, c, d = pair_counts(first, second)
     diff, lo, hi = diff_paired(a, b, c, d)
     return {
         "difference": round(diff, 6),
