@@ -25,6 +25,9 @@ The protocol of every row is listed below the table, then the paper's published 
 rows' state files, ``X.state.json`` beside ``X.json`` or ``X.partial.json``): per threat model,
 the worst case over every finished attack of all the row's files at that radius, and the
 difference with Newcombe's paired 95% interval (training/eval/compare.py).
+``--with-convergence`` joins each finished file's convergence-check variants (2x steps, 2x EOT,
+on its first clean-correct images) into those worst cases as well, as ``atop compare --worst
+--with-convergence`` does: the figure that stands when a row's check failed.
 """
 
 from __future__ import annotations
@@ -309,16 +312,21 @@ def state_path(path: str) -> Path:
     return Path(stem + ".state.json")
 
 
-def paired_block(rows: list[tuple[str, dict]], base: str) -> list[str]:
+def paired_block(rows: list[tuple[str, dict]], base: str, with_convergence: bool = False) -> list[str]:
     """Every row but ``base`` minus ``base``, per image, at each threat model both attacked."""
-    states, only = {}, {}
+    states, only, protocols = {}, {}, {}
     for label, r in rows:
         paths = [state_path(q) for q in r["_files"]]
         states[label] = [compare.load_state(q) for q in paths] if all(q.is_file() for q in paths) else None
         only[label] = [finished(part) for part in r["_parts"]]
+        # a partial report's convergence check may still be running: joined only once finished
+        protocols[label] = [
+            part.get("protocol") if with_convergence and finished(part) is None else None
+            for part in r["_parts"]
+        ]
     if states.get(base) is None:
         raise SystemExit(f"--paired {base!r}: no such row, or a file of it has no state file beside it")
-    worst_base = compare.worst_images(states[base], only[base])
+    worst_base = compare.worst_images(states[base], only[base], protocols[base])
     head = ["model"] + [c[0] for c in PAIRED]
     lines = [
         f"### Paired differences against {base.strip('*')}",
@@ -327,7 +335,14 @@ def paired_block(rows: list[tuple[str, dict]], base: str) -> list[str]:
         "attack its files finished at that radius, minus the reference's; Newcombe's paired 95% "
         "interval. This worst case joins a row's files per image, so it can be lower than the table's "
         "cell where that cell is marked ≤; a row whose cell above names a smaller budget than the "
-        "full protocol's is an upper bound here too (so is its difference).",
+        "full protocol's is an upper bound here too (so is its difference)."
+        + (
+            " The convergence check's variants (2× steps, 2× EOT, on a finished file's first "
+            "clean-correct images) are joined in too, so a row whose check failed counts every attack "
+            "that ran on it."
+            if with_convergence
+            else ""
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -340,7 +355,7 @@ def paired_block(rows: list[tuple[str, dict]], base: str) -> list[str]:
             continue
         try:
             compare.same_images(states[label][0], states[base][0])
-            worst = compare.worst_images(states[label], only[label])
+            worst = compare.worst_images(states[label], only[label], protocols[label])
         except compare.CompareError:
             lines.append(f"| {label} |" + " other images |" * len(PAIRED))
             continue
@@ -360,7 +375,12 @@ def paired_block(rows: list[tuple[str, dict]], base: str) -> list[str]:
     return lines
 
 
-def table(rows: list[tuple[str, dict]], costs: dict[str, dict] | None = None, paired: str = "") -> str:
+def table(
+    rows: list[tuple[str, dict]],
+    costs: dict[str, dict] | None = None,
+    paired: str = "",
+    with_convergence: bool = False,
+) -> str:
     costs = costs or {}
     head = ["model", "clean"] + [c[0] for c in COLUMNS] + ["cost / answer"]
     lines = [
@@ -381,7 +401,7 @@ def table(rows: list[tuple[str, dict]], costs: dict[str, dict] | None = None, pa
         "",
     ]
     if paired:
-        lines += paired_block(rows, paired) + [""]
+        lines += paired_block(rows, paired, with_convergence) + [""]
     lines += ["### Protocol", ""]
     lines += [protocol_line(label, r) for label, r in rows]
     failed = [
@@ -448,6 +468,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LABEL",
         help="add every other row minus this one, per image, with paired intervals (needs the state files)",
     )
+    p.add_argument(
+        "--with-convergence",
+        action="store_true",
+        help="with --paired: join each finished file's convergence-check variants into its worst cases",
+    )
     p.add_argument("--out", default="", help="write the Markdown here (default: stdout)")
     p.add_argument(
         "--update",
@@ -474,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(costs) - {label for label, _ in rows}
     if unknown:
         raise SystemExit(f"--cost for a label with no --row: {', '.join(sorted(unknown))}")
-    text = table(rows, costs, args.paired)
+    if args.with_convergence and not args.paired:
+        raise SystemExit("--with-convergence goes with --paired")
+    text = table(rows, costs, args.paired, args.with_convergence)
     if args.update:
         return update(Path(args.update), text, check=args.check)
     if args.out:

@@ -148,3 +148,54 @@ def test_compare_command_worst(tmp_path, capsys):
     assert "| `worst linf 0.03137` | 75.0% | 50.0% | +25.0" in capsys.readouterr().out
     assert atop(["compare", str(a), str(b), "--worst", "--pair", SECTION, SECTION]) == 2
     assert "do not go together" in capsys.readouterr().err
+
+
+def _with_convergence(prefilter: bool) -> tuple[dict, dict]:
+    """A state whose convergence variants ran on the first 4 clean-correct images (images 1, 2, 4,
+    5: image 0 and 3 are answered wrongly), counted from that small subset as atop eval stores
+    them; under a prefilter, only on the ones the prefilter (PGD-50) left robust."""
+    st = _state([0, 1, 1, 0, 1, 1, 1, 1], targets=[1, 2, 4, 5, 6, 7], survived=[1, 1, 1, 1, 1, 0])
+    proto = {"convergence_n": 4, "prefilter": {"steps": 50, "eot": 1} if prefilter else None}
+    if prefilter:  # the prefilter left images 1, 4, 5 of the subset: the variants' targets 0..2
+        st["sections"][SECTION]["done"] = {"0": _rules([1, 0, 1, 1, 1, 0])}
+        name = "convergence-after-prefilter/pgd/linf/0.0313725/s100/e1/a0/i/after:"
+        st["sections"][name] = {"targets": [0, 1, 2], "done": {"0": _rules([1, 1, 0])}}
+    else:
+        name = "convergence/pgd/linf/0.0313725/s100/e1/a0/i/after:"
+        st["sections"][name] = {"targets": [0, 1, 2, 3], "done": {"0": _rules([1, 0, 1, 1])}}
+    st["sections"]["convergence/pgd/linf/0.0313725/s50/e2/a0/i/after:"] = {
+        "targets": [0, 1, 2, 3],
+        "done": {},
+    }  # unfinished: left out
+    return st, proto
+
+
+def test_with_convergence_joins_the_check_variants_at_their_images(tmp_path, capsys):
+    """The variants' sections count images from the check's own subset (the first clean-correct
+    ones, after the prefilter where there is one): joined into the worst case, each must land on
+    its own image of the full subset, and nowhere else."""
+    k = ("linf", 0.03137)
+    st, proto = _with_convergence(prefilter=False)
+    assert worst_images([st])[k].tolist() == [False, True, True, False, True, True, True, False]
+    # the 2x variant broke its 2nd image: image 2 of the subset
+    joined = worst_images([st], protocols=[proto])[k]
+    assert joined.tolist() == [False, True, False, False, True, True, True, False]
+    st, proto = _with_convergence(prefilter=True)
+    assert worst_images([st])[k].tolist() == [False, True, False, False, True, True, True, False]
+    # prefilter survivors in the check's subset: 1, 4, 5; the variant broke its 3rd, image 5
+    joined = worst_images([st], protocols=[proto])[k]
+    assert joined.tolist() == [False, True, False, False, True, False, True, False]
+    # a protocol with no check, or no protocol: the same as without
+    assert worst_images([st], protocols=[{"convergence_n": 0}])[k].tolist() == worst_images([st])[k].tolist()
+    # the command: reads the finished report beside each state file; refuses without one
+    a, b = tmp_path / "a.state.json", tmp_path / "b.state.json"
+    a.write_text(json.dumps(st))
+    b.write_text(json.dumps(_state([1] * N, targets=list(range(N)), survived=[1] * N)))
+    assert atop(["compare", "--worst", "--with-convergence", str(a), str(b)]) == 2
+    assert "needs the finished report beside it" in capsys.readouterr().err
+    (tmp_path / "a.json").write_text(json.dumps({"protocol": proto}))
+    (tmp_path / "b.json").write_text(json.dumps({"protocol": {"convergence_n": 0}}))
+    assert atop(["compare", "--worst", "--with-convergence", str(a), str(b)]) == 0
+    assert "| `worst linf 0.03137` | 37.5% | 100.0% |" in capsys.readouterr().out
+    assert atop(["compare", "--with-convergence", str(a), str(b)]) == 2
+    assert "goes with --worst" in capsys.readouterr().err

@@ -11,7 +11,9 @@ attack so far", as in the report's worst case.
 
 ``--worst`` compares, per threat model (norm and radius), the per-image worst case instead: an
 image counts as robust only if it survived every finished attack of the file at that radius,
-which is what the report's worst-case line counts. ``worst_images`` does the same over several
+which is what the report's worst-case line counts. ``--with-convergence`` joins the convergence
+check's stronger variants into it too (on the few images they attacked), for a row whose check
+failed: the worst case over every attack the file holds. ``worst_images`` does the same over several
 files of one model (the main protocol and runs at other budgets, as bench/results_table.py joins
 them), so attacks from different runs combine image by image.
 
@@ -112,13 +114,17 @@ def attack_of(section: str) -> tuple[str, str, float, int, int] | None:
 
 
 def worst_images(
-    states: list[dict], only: list[set | None] | None = None
+    states: list[dict],
+    only: list[set | None] | None = None,
+    protocols: list[dict | None] | None = None,
 ) -> dict[tuple[str, float], torch.Tensor]:
     """Per threat model, bool [n]: the images robust to every finished headline attack at that
     radius in any of ``states`` (one model's files, on the same images). An unfinished section
     (a run still going) is left out, as the partial report leaves it out of its worst case.
     ``only``, per state: None, or the (attack, norm, radius, steps, EOT) to count (a partial
-    report's finished attacks, so the answer does not move while the run goes on)."""
+    report's finished attacks, so the answer does not move while the run goes on).
+    ``protocols``, per state: None, or its report's protocol, to join the convergence check's
+    variants too (``convergence_images``; they add to a threat model the file attacked)."""
     n = int(states[0]["identity"]["n"])
     out: dict[tuple[str, float], torch.Tensor] = {}
     for i, st in enumerate(states):
@@ -133,6 +139,53 @@ def worst_images(
             except CompareError:
                 continue
             out[t] = out.get(t, torch.ones(n, dtype=torch.bool)) & robust
+    for st, proto in zip(states, protocols or [], strict=False):
+        if proto is None:
+            continue
+        for t, robust in convergence_images(st, proto).items():
+            if t in out:
+                out[t] &= robust
+    return out
+
+
+CONVERGENCE = ("convergence", "convergence-after-prefilter")
+
+
+def convergence_images(state: dict, protocol: dict) -> dict[tuple[str, float], torch.Tensor]:
+    """Per threat model, bool [n]: False for the images the convergence check's variants
+    (2x steps, 2x EOT) broke, True elsewhere. The variants attack only the first
+    ``convergence_n`` clean-correct images of the subset (under ``--prefilter``, those of them
+    the prefilter left robust), and their sections count images from that small subset, so
+    ``protocol`` (the report's: ``convergence_n`` and ``prefilter``) maps them back. Joined into
+    a worst case (``worst_images(..., protocols=...)``), they make it the per-image minimum over
+    the check's stronger attacks as well; an unfinished variant is left out."""
+    n = int(state["identity"]["n"])
+    sections = state["sections"]
+    k = int(protocol.get("convergence_n") or 0)
+    if not k or "main/clean" not in sections:
+        return {}
+    sub = robust_images(sections["main/clean"], n).nonzero().flatten()[:k]
+    out: dict[tuple[str, float], torch.Tensor] = {}
+    for name, sec in sections.items():
+        parts = name.split("/")
+        if parts[0] not in CONVERGENCE or len(parts) < 4 or "targets" not in sec:
+            continue
+        t = (parts[2], round(float(parts[3]), 5))
+        attacked = sub
+        if parts[0] == "convergence-after-prefilter":
+            pf = protocol.get("prefilter") or {}
+            cheap = [s for s in sections if attack_of(s) == (parts[1], *t, pf.get("steps"), pf.get("eot"))]
+            if not cheap:
+                raise CompareError(f"{name}: no prefilter section to place its images with")
+            attacked = sub[robust_images(sections[cheap[0]], n)[sub]]
+        done = sec.get("done", {})
+        scores = [Scores.from_json(done[b]) for b in sorted(done, key=int)]
+        votes = Scores.cat(scores).vote if scores else torch.zeros(0)
+        if len(votes) != len(sec["targets"]):
+            continue  # unfinished
+        robust = torch.ones(n, dtype=torch.bool)
+        robust[attacked[torch.tensor(sec["targets"], dtype=torch.long)]] = votes > 0.5
+        out[t] = out.get(t, torch.ones(n, dtype=torch.bool)) & robust
     return out
 
 
@@ -148,10 +201,15 @@ def _row(section: str, ra: torch.Tensor, rb: torch.Tensor) -> dict:
     }
 
 
-def compare_worst(a: list[dict], b: list[dict]) -> list[dict]:
-    """One row per threat model both sides attacked: the per-image worst case of each, a − b."""
+def compare_worst(
+    a: list[dict],
+    b: list[dict],
+    protocols: tuple[list[dict | None] | None, list[dict | None] | None] = (None, None),
+) -> list[dict]:
+    """One row per threat model both sides attacked: the per-image worst case of each, a − b
+    (``protocols``, per side: those of ``worst_images``, to join the convergence variants)."""
     same_images(a[0], b[0])
-    wa, wb = worst_images(a), worst_images(b)
+    wa, wb = worst_images(a, protocols=protocols[0]), worst_images(b, protocols=protocols[1])
     return [_row(f"worst {t[0]} {t[1]:g}", wa[t], wb[t]) for t in wa if t in wb]
 
 
@@ -201,7 +259,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="compare the per-image worst case of each threat model (every finished attack at that"
         " radius) instead of attack sections",
     )
+    p.add_argument(
+        "--with-convergence",
+        action="store_true",
+        help="with --worst: join the convergence check's variants (2x steps, 2x EOT, on its first"
+        " clean-correct images) into each worst case too; reads the finished report <out>.json"
+        " beside each state file for the check's subset",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+
+
+def report_protocol(state_path: str | Path) -> dict:
+    """The protocol of the finished report ``atop eval`` wrote beside a state file."""
+    report = Path(str(state_path).removesuffix(".state.json") + ".json")
+    try:
+        return json.loads(report.read_text())["protocol"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise CompareError(
+            f"{state_path}: --with-convergence needs the finished report beside it ({report})"
+        ) from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -210,7 +286,17 @@ def main(args: argparse.Namespace) -> int:
         a, b = load_state(args.a), load_state(args.b)
         if args.worst and pairs:
             raise CompareError("--worst and --pair do not go together")
-        rows = compare_worst([a], [b]) if args.worst else compare(a, b, pairs)
+        if args.with_convergence and not args.worst:
+            raise CompareError("--with-convergence goes with --worst")
+        if args.worst:
+            protocols = (
+                ([report_protocol(args.a)], [report_protocol(args.b)])
+                if args.with_convergence
+                else (None, None)
+            )
+            rows = compare_worst([a], [b], protocols)
+        else:
+            rows = compare(a, b, pairs)
     except CompareError as e:
         sys.stderr.write(f"atop compare: {e}\n")
         return 2
