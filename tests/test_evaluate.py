@@ -399,6 +399,18 @@ def test_a_partial_report_shows_the_finished_attacks_of_a_run_still_going(traine
     ).startswith("≤")
     with pytest.raises(FileNotFoundError, match="no state file"):
         run(EvalConfig(**common, out=str(tmp_path / "never"), partial=True))
+    # a refresh reuses the clean-set accuracy of the earlier partial report (same target and
+    # clean set), and passes over the clean set again when that set changes
+    from training.eval import evaluate as ev
+
+    def no_clean_pass(*a, **kw):
+        raise AssertionError("the clean set was evaluated again")
+
+    monkeypatch.setattr(ev, "clean_accuracy", no_clean_pass)
+    again = run(EvalConfig(**common, out=str(out), partial=True))
+    assert {k: again[k] for k in ev.CLEAN_BLOCK} == {k: part[k] for k in ev.CLEAN_BLOCK}
+    with pytest.raises(AssertionError, match="evaluated again"):
+        run(EvalConfig(**(common | {"clean_n": 6}), out=str(out), partial=True))
 
 
 def test_baselines_from_the_same_checkpoints(trained, tmp_path):

@@ -32,7 +32,7 @@ from training.checkpoint import atomic_path
 from training.data import DATA_HELP
 from training.eval import protocol
 from training.eval.attacks import ATTACKS
-from training.eval.evaluate import evaluate, partial_report
+from training.eval.evaluate import CLEAN_BLOCK, evaluate, partial_report
 from training.eval.plot import report_png
 from training.eval.record import merge_robust, record
 from training.eval.report import markdown, svg_plot
@@ -161,9 +161,11 @@ def _partial(cfg: EvalConfig, target: Target, paths: dict[str, Path] | None) -> 
         raise ValueError(
             "--partial reads the state file of --out OUT and writes OUT.partial.json; it cannot --record"
         )
-    result = partial_report(cfg, target, build_protocol(cfg), paths[".state.json"]) | {"config": asdict(cfg)}
     base = paths[".json"].with_suffix("")
     out = base.with_name(base.name + ".partial.json")
+    known = _earlier_clean_block(out, cfg, target)
+    result = partial_report(cfg, target, build_protocol(cfg), paths[".state.json"], known)
+    result |= {"config": asdict(cfg)}
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
@@ -174,6 +176,30 @@ def _partial(cfg: EvalConfig, target: Target, paths: dict[str, Path] | None) -> 
         result["pending_attacks"],
     )
     return result
+
+
+# the config fields the clean accuracy on the clean set depends on (with the target's files)
+CLEAN_SET = ("clean_n", "seed", "samples")
+
+
+def _earlier_clean_block(path: Path, cfg: EvalConfig, target: Target) -> dict | None:
+    """The clean-set block of the partial report at ``path`` when it was computed for the same
+    target files (sha256), data and clean set: a refresh of a partial report reuses it (the
+    pass over 10,000 images is minutes on a randomized row). None otherwise."""
+    try:
+        old = json.loads(path.read_text())
+        same = (
+            old["target"]["source"] == json.loads(json.dumps(target.source))
+            and old["target"]["rt"] == (target.spec.to_dict() if target.spec else None)
+            and Path(old["config"]["data"]).resolve() == Path(cfg.data).resolve()
+            and all(old["config"][k] == getattr(cfg, k) for k in CLEAN_SET)
+        )
+        block = {k: old[k] for k in CLEAN_BLOCK}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if same:
+        log.info("clean accuracy on the clean set: reused from %s (same target and clean set)", path)
+    return block if same else None
 
 
 def output_paths(out: str) -> dict[str, Path] | None:

@@ -382,11 +382,19 @@ def _attack(cfg, target: Target, run: _Run, t0: float) -> dict:
 PENDING = "the run has not ended: its sanity checks, ε sweep and cost come with its final report"
 
 
-def partial_report(cfg, target: Target, proto: Protocol, state_path: Path) -> dict:
+CLEAN_BLOCK = ("clean_accuracy", "clean_ci95", "n_images", "clean_protocol", "clean_accuracy_answer")
+
+
+def partial_report(
+    cfg, target: Target, proto: Protocol, state_path: Path, clean_block: dict | None = None
+) -> dict:
     """The report of what a run's state file has finished so far, without attacking anything and
     without writing the state (the run may be going on beside it): the finished attacks, with
     intervals and their cascade, the worst case over them, and the clean accuracy on the clean
-    set (forward passes only: the figure the final report gives). Marked ``partial``."""
+    set (forward passes only: the figure the final report gives). Marked ``partial``.
+    ``clean_block``: that clean accuracy as an earlier partial report of the same target and
+    clean set computed it (its ``CLEAN_BLOCK`` keys), so a refresh does not pass over the
+    10,000 images again."""
     if not state_path.is_file():
         raise FileNotFoundError(f"{state_path}: no state file, so nothing to report (start the run first)")
     run = _start(cfg, target, proto, state_path)
@@ -403,7 +411,7 @@ def partial_report(cfg, target: Target, proto: Protocol, state_path: Path) -> di
     return {
         "partial": True,
         "pending_attacks": [t for s, t in zip(run.proto.attacks, left, strict=True) if s not in done],
-        **_clean_block(cfg, target, run),
+        **(clean_block or _clean_block(cfg, target, run)),
         **_result(cfg, target, run, clean, main, []),
         "sanity": {"all_passed": False, "failed": [], "checks": [], "pending": PENDING},
         "cost": {},
