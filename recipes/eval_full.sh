@@ -147,14 +147,15 @@ throttle() {  # wait for a free slot: JOBS counts our jobs and every other `atop
 mkdir -p runs "$OUT"
 # The order: the main protocol of the closest rival of the shipped AT model (AToP over the AT f),
 # then the two rows the issue names (AToP and AP over the standard f, the paper's setting); then
-# AToP over the AT f at the unseen radii, beside v15's (the generalisation claim: AT against
-# AToP on attacks neither was trained on); then the standard-f rows' unseen radii; last, AP over
-# the AT f, a row the issue does not name (the ablation: AToP's fine-tune against the
-# pre-trained purifier on the same robust f), whose PGD-50 figures stand until then.
-QUEUE="atop-at:leekim v6:leekim ap-v6:leekim atop-at:linf4 atop-at:linf12 atop-at:l2aa"
-for protocol in linf4 linf12 l2aa; do
-  for row in v6 ap-v6; do QUEUE+=" $row:$protocol"; done
-done
+# the unseen radii, for the generalisation claim (AT against AToP on attacks neither was trained
+# on): first the paper's AToP (v6) at l-inf 4/255 and 12/255, which have no figure at all yet
+# (their PGD-50 x EOT-8 prefilter gives an upper bound within the hour), then AToP over the AT f,
+# whose PGD-50 figures at those radii stand until its runs end, then v6's l2 AutoAttack and AP
+# over the standard f; last, AP over the AT f, a row the issue does not name (the ablation:
+# AToP's fine-tune against the pre-trained purifier on the same robust f), whose PGD-50 figures
+# stand until then.
+QUEUE="atop-at:leekim v6:leekim ap-v6:leekim v6:linf4 v6:linf12"
+QUEUE+=" atop-at:linf4 atop-at:linf12 atop-at:l2aa v6:l2aa ap-v6:linf4 ap-v6:linf12 ap-v6:l2aa"
 QUEUE+=" ap-at:leekim ap-at:linf4 ap-at:linf12 ap-at:l2aa"
 for job in $QUEUE; do
   row=${job%%:*} protocol=${job#*:}

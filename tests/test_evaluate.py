@@ -670,8 +670,9 @@ def test_counts_out_of_range_are_usage_errors_before_any_work(flag, value, capsy
 def test_the_full_evaluation_recipe_queues_valid_commands_in_order(tmp_path):
     """recipes/eval_full.sh under DRY=1: every queued `atop eval` line parses with the real CLI;
     the order puts the main protocol of AToP over the AT f, AToP and AP over the standard f first,
-    then AToP over the AT f at the unseen radii, then the standard-f rows' unseen radii, and AP
-    over the AT f (a row the issue does not name) last; the prefilter goes on every run, before flow only
+    then v6 at the unseen l-inf radii (no figure yet), AToP over the AT f at the unseen radii,
+    then the rest of the standard-f rows' unseen runs, and AP over the AT f (a row the issue does
+    not name) last; the prefilter goes on every run, before flow only
     on the one begun without it (and its l2aa run); a run takes --reuse of the state files it
     shares attacks with, where they exist; a run with its JSON is skipped; PARTIAL=1 reports only runs with a state file,
     with the very flags of the run."""
@@ -697,15 +698,15 @@ def test_the_full_evaluation_recipe_queues_valid_commands_in_order(tmp_path):
     assert len(lines) == 16
     parsed = [flags(line) for line in lines]
     names = [Path(a.out).name for a in parsed]
-    assert names[:6] == [
+    assert names[:5] == [
         "eval-atop-at-leekim",
         "eval-v6-leekim",
         "eval-ap-v6-leekim",
-        "eval-atop-at-linf4",
-        "eval-atop-at-linf12",
-        "eval-atop-at-l2aa",
+        "eval-v6-linf4",
+        "eval-v6-linf12",
     ]
-    assert all("-v6-" in x for x in names[6:12])  # the standard-f rows' unseen radii
+    assert names[5:8] == ["eval-atop-at-linf4", "eval-atop-at-linf12", "eval-atop-at-l2aa"]
+    assert all("-v6-" in x for x in names[8:12])  # the rest of the standard-f rows' unseen runs
     assert names[12:] == ["eval-ap-at-leekim", "eval-ap-at-linf4", "eval-ap-at-linf12", "eval-ap-at-l2aa"]
     assert len(set(names)) == 16 and all(a.data == "somewhere" and a.n == 512 for a in parsed)
     pre = {Path(a.out).name: a.prefilter for a in parsed}
