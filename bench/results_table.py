@@ -219,7 +219,7 @@ def worst_cell(result: dict, norm: str, eps: float, randomized: bool) -> str:
         b = budget(e, randomized) if e is not None else ""
         if b:
             notes.append(f"{name} {b}")
-    if "autoattack-rand" not in names:
+    if "autoattack-rand" not in names and "autoattack-rand" not in pending:
         notes.append("no AutoAttack")
     return (
         ("" if exact else "≤ ")

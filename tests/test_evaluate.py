@@ -385,6 +385,9 @@ def test_a_partial_report_shows_the_finished_attacks_of_a_run_still_going(traine
     assert rt.worst_cell(row, "Linf", 0.25, True).startswith("≤ ") and "square pending" in rt.worst_cell(
         row, "Linf", 0.25, True
     )
+    assert "no AutoAttack" in rt.worst_cell(row, "Linf", 0.25, True)  # it is not in this protocol
+    row["worst_case"][0]["_pending"] = ["autoattack-rand"]  # pending is not missing
+    assert "no AutoAttack" not in rt.worst_cell(row, "Linf", 0.25, True)
     # an attack finished at one radius is still pending at another with the same budget
     two = [
         {"name": "pgd", "norm": n, "eps": e, "steps": 2, "eot": 2}
