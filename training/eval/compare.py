@@ -61,15 +61,22 @@ def robust_images(section: dict, n: int) -> torch.Tensor:
         if len(vote) != n:
             raise CompareError("the clean section does not cover the subset")
         return vote > 0.5
+    out = torch.zeros(n, dtype=torch.bool)
+    out[torch.tensor(section["targets"], dtype=torch.long)] = section_votes(section)
+    return out
+
+
+def section_votes(section: dict) -> torch.Tensor:
+    """Bool, one per target of an attack section (in its ``targets`` order): survived (vote).
+    CompareError for a section that is not an attack's or has not finished every batch."""
     if "targets" not in section:
         raise CompareError("not an attack section")
-    done, targets = section.get("done", {}), section["targets"]
-    votes = Scores.cat([Scores.from_json(done[b]) for b in sorted(done, key=int)]).vote
-    if len(votes) != len(targets):
+    done = section.get("done", {})
+    scores = [Scores.from_json(done[b]) for b in sorted(done, key=int)]
+    votes = Scores.cat(scores).vote if scores else torch.zeros(0)
+    if len(votes) != len(section["targets"]):
         raise CompareError("a section is unfinished: its attack has not run on every target image")
-    out = torch.zeros(n, dtype=torch.bool)
-    out[torch.tensor(targets, dtype=torch.long)] = votes > 0.5
-    return out
+    return votes > 0.5
 
 
 def _same_key(value, key: str):
@@ -178,13 +185,12 @@ def convergence_images(state: dict, protocol: dict) -> dict[tuple[str, float], t
             if not cheap:
                 raise CompareError(f"{name}: no prefilter section to place its images with")
             attacked = sub[robust_images(sections[cheap[0]], n)[sub]]
-        done = sec.get("done", {})
-        scores = [Scores.from_json(done[b]) for b in sorted(done, key=int)]
-        votes = Scores.cat(scores).vote if scores else torch.zeros(0)
-        if len(votes) != len(sec["targets"]):
+        try:
+            survived = section_votes(sec)
+        except CompareError:
             continue  # unfinished
         robust = torch.ones(n, dtype=torch.bool)
-        robust[attacked[torch.tensor(sec["targets"], dtype=torch.long)]] = votes > 0.5
+        robust[attacked[torch.tensor(sec["targets"], dtype=torch.long)]] = survived
         out[t] = out.get(t, torch.ones(n, dtype=torch.bool)) & robust
     return out
 
