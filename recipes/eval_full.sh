@@ -40,11 +40,18 @@
 # stopped) is skipped, and JOBS counts every `atop eval` on the machine, so a restarted driver
 # neither runs one evaluation twice nor oversubscribes the cores.
 #
+# Cheap attacks first (CHEAP_FIRST=1, the default; atop eval --prefilter-only): a first pass runs,
+# for every queued run, only its attacks that cost no more than the prefilter (the PGD-50 x EOT-8
+# copies, and the FGSM before the l-inf one) and writes its partial report; the second pass runs
+# the costly attacks, resuming from the same state files. Every cell of the table gets an upper
+# bound within hours, where the queue in order would leave later rows with none for days; the
+# full runs end no later (the same attacks, in another order). CHEAP_FIRST=0: one pass, in order.
+#
 # PARTIAL=1: attack nothing; for every queued run with a state file and no JSON yet, write
 # OUT/<name>.partial.json/.md, the attacks it has finished (atop eval --partial; safe while the
 # run goes on), which docs/results_table.args can list until the run ends.
 #
-# Knobs: JOBS (evaluations at a time, 2), THREADS (torch threads each, 1), DEVICE (cpu | cuda),
+# Knobs: CHEAP_FIRST (1), JOBS (evaluations at a time, 2), THREADS (torch threads each, 1), DEVICE (cpu | cuda),
 # BATCH (64), PREFILTER (50x8; "none" to run every attack alone on every image), ONLY
 # (comma-separated rows or evaluations, e.g. ONLY=atop-at,eval-v6-leekim; default all, in
 # order), N (images, 512: the table's) and OUT (artifacts/cifar10-cpu) for a smoke run; DRY=1
@@ -60,6 +67,7 @@ ONLY=${ONLY:-}
 PREFILTER=${PREFILTER:-50x8}
 PARTIAL=${PARTIAL:-}
 DRY=${DRY:-}
+CHEAP_FIRST=${CHEAP_FIRST:-1}
 declare -A PREFILTER_OF=([eval-atop-at-leekim]=":flow" [eval-atop-at-l2aa]=":flow")  # appended to PREFILTER
 declare -A REUSE_OF=(  # state files (in OUT, without .state.json) a run takes shared sections from
   [eval-atop-at-linf4]="unseen-atopat-linf4"
@@ -99,8 +107,8 @@ atop_eval() {  # atop eval ARGS..., or its command line under DRY=1
   if [ -n "$DRY" ]; then echo "atop eval $*"; else atop eval "$@"; fi
 }
 
-one() {  # one ROW PROTOCOL : one `atop eval`, skipped when its JSON exists
-  local name=eval-$1-$2
+one() {  # one ROW PROTOCOL [PASS] : one `atop eval`, skipped when its JSON exists (PASS cheap: --prefilter-only)
+  local name=eval-$1-$2 pass=${3:-full}
   if [ -f "$OUT/$name.json" ]; then echo "[$name] done, skipping"; return; fi
   local args
   # shellcheck disable=SC2206  # the two tables hold word lists
@@ -121,11 +129,16 @@ one() {  # one ROW PROTOCOL : one `atop eval`, skipped when its JSON exists
     atop_eval "${args[@]}" --threads 1 --partial > /dev/null && echo "[$name] partial report: $OUT/$name.partial.json"
     return
   fi
+  if [ "$pass" = cheap ]; then args+=(--prefilter-only); fi
   if [ -n "$DRY" ]; then atop_eval "${args[@]}" --threads "$THREADS"; return; fi
   if running "$name"; then echo "[$name] already running (pid $(running "$name")), skipping"; return; fi
-  echo "[$name] $(date -u +%FT%TZ) started $pre (log runs/$name.log)"
+  echo "[$name] $(date -u +%FT%TZ) started $pass pass $pre (log runs/$name.log)"
   if OMP_NUM_THREADS=$THREADS atop_eval "${args[@]}" --threads "$THREADS" >> "runs/$name.log" 2>&1; then
-    echo "[$name] $(date -u +%FT%TZ) finished: $OUT/$name.json"
+    if [ "$pass" = cheap ]; then
+      echo "[$name] $(date -u +%FT%TZ) cheap attacks done: $OUT/$name.partial.json"
+    else
+      echo "[$name] $(date -u +%FT%TZ) finished: $OUT/$name.json"
+    fi
   else
     echo "[$name] FAILED, see runs/$name.log"
   fi
@@ -157,13 +170,17 @@ mkdir -p runs "$OUT"
 QUEUE="atop-at:leekim v6:leekim ap-v6:leekim v6:linf4 v6:linf12"
 QUEUE+=" atop-at:linf4 atop-at:linf12 atop-at:l2aa v6:l2aa ap-v6:linf4 ap-v6:linf12 ap-v6:l2aa"
 QUEUE+=" ap-at:leekim ap-at:linf4 ap-at:linf12 ap-at:l2aa"
-for job in $QUEUE; do
-  row=${job%%:*} protocol=${job#*:}
-  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$row,"* && ",$ONLY," != *",eval-$row-$protocol,"* ]]; then continue; fi
-  throttle
-  if [ -n "$DRY" ]; then one "$row" "$protocol"; else one "$row" "$protocol" & [ -n "$PARTIAL" ] || sleep 10; fi
+PASSES=full
+if [ "$CHEAP_FIRST" = 1 ] && [ "$PREFILTER" != none ] && [ -z "$PARTIAL" ]; then PASSES="cheap full"; fi
+for pass in $PASSES; do
+  for job in $QUEUE; do
+    row=${job%%:*} protocol=${job#*:}
+    if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$row,"* && ",$ONLY," != *",eval-$row-$protocol,"* ]]; then continue; fi
+    throttle
+    if [ -n "$DRY" ]; then one "$row" "$protocol" "$pass"; else one "$row" "$protocol" "$pass" & [ -n "$PARTIAL" ] || sleep 10; fi
+  done
+  wait  # a run's full pass must not start beside its own cheap one (it would be skipped as running)
 done
-wait
 if [ -n "$DRY" ]; then exit 0; fi
 if [ -n "$PARTIAL" ]; then
   echo "partial reports written; list them in docs/results_table.args until their runs end, then"

@@ -273,6 +273,39 @@ def test_a_prefilter_leaves_the_costly_attack_only_its_survivors(trained, tmp_pa
         run(EvalConfig(**common, prefilter=(1, 1), cascade=False))
 
 
+def test_prefilter_only_runs_the_cheap_attacks_and_the_run_goes_on_from_them(trained, tmp_path, monkeypatch):
+    """--prefilter-only: the prefilter alone is attacked (the costly PGD, and the cheap FGSM that
+    cascades after it, are left), a partial report says so, and the run without the flag resumes
+    from the same state: it attacks only what was left and ends with exactly the figures of a run
+    that never stopped."""
+    data, clf, _ = trained
+    common = dict(data=str(data), classifier=str(clf), n=48, clean_n=16, eps=0.25, steps=8, batch_size=16)
+    common |= dict(attacks=("pgd", "fgsm"), prefilter=(4, 1), sanity=False)
+    reference = run(EvalConfig(**common, out=str(tmp_path / "ref")))
+    assert [(r["attack"], r["steps"]) for r in reference["robust"]] == [("pgd", 4), ("pgd", 8), ("fgsm", 1)]
+    calls, real = [], cascade.run_attack
+    monkeypatch.setattr(
+        cascade, "run_attack", lambda spec, *a, **kw: calls.append(spec.steps) or real(spec, *a, **kw)
+    )
+    out = tmp_path / "cut"
+    cheap = run(EvalConfig(**common, out=str(out), prefilter_only=True))
+    assert set(calls) == {4}  # the prefilter's batches only
+    assert cheap["partial"] and cheap["pending_attacks"] == ["pgd linf 8x1", "fgsm linf 1x1"]
+    assert cheap["robust"] == reference["robust"][:1]
+    assert cheap["worst_case"][0]["accuracy"] >= reference["worst_case"][0]["accuracy"]  # an upper bound
+    assert (tmp_path / "cut.partial.json").is_file() and not (tmp_path / "cut.json").exists()
+    calls.clear()
+    again = run(EvalConfig(**common, out=str(out), prefilter_only=True))  # nothing left to do cheaply
+    assert not calls and again["robust"] == cheap["robust"]
+    whole = run(EvalConfig(**common, out=str(out)))
+    assert 8 in calls and set(calls) <= {8, 1}  # the prefilter was not attacked again
+    assert whole["robust"] == reference["robust"] and whole["worst_case"] == reference["worst_case"]
+    with pytest.raises(ValueError, match="needs --prefilter"):
+        run(EvalConfig(**(common | {"prefilter": None}), out=str(tmp_path / "none"), prefilter_only=True))
+    with pytest.raises(ValueError, match="state file"):
+        run(EvalConfig(**common, prefilter_only=True))
+
+
 def test_prefilter_placement_and_step():
     """Before PGD l-inf, PGD l2 and flow of the full protocol, not before FGSM (alone, 1 step),
     AutoAttack (adaptive step) or Square (queries); the cheap step is the costly one's scaled to
@@ -678,7 +711,8 @@ def test_the_full_evaluation_recipe_queues_valid_commands_in_order(tmp_path):
     not name) last; the prefilter goes on every run, before flow only
     on the one begun without it (and its l2aa run); a run takes --reuse of the state files it
     shares attacks with, where they exist; a run with its JSON is skipped; PARTIAL=1 reports only runs with a state file,
-    with the very flags of the run."""
+    with the very flags of the run; by default a cheap pass (--prefilter-only) goes over the queue
+    before the full one."""
     import shlex
 
     from atop.cli import build_parser
@@ -697,8 +731,12 @@ def test_the_full_evaluation_recipe_queues_valid_commands_in_order(tmp_path):
         assert argv[:2] == ["atop", "eval"]
         return build_parser(argv[1:]).parse_args(argv[1:])
 
-    lines = queue()
-    assert len(lines) == 16
+    both = queue()
+    assert len(both) == 32  # the cheap pass over the queue, then the full one, in the same order
+    cheap, lines = both[:16], both[16:]
+    assert cheap == [line.replace(" --threads 1", " --prefilter-only --threads 1") for line in lines]
+    assert all(flags(x).prefilter_only for x in cheap) and not any(flags(x).prefilter_only for x in lines)
+    assert queue(CHEAP_FIRST="0") == lines and len(queue(PREFILTER="none")) == 16
     parsed = [flags(line) for line in lines]
     names = [Path(a.out).name for a in parsed]
     assert names[:5] == [
@@ -720,7 +758,7 @@ def test_the_full_evaluation_recipe_queues_valid_commands_in_order(tmp_path):
     assert not any(a.reuse for a in parsed)  # no state files in OUT yet: nothing to reuse
     for donor in ("eval-v6-leekim", "eval-atop-at-leekim", "unseen-atopat-linf4"):
         (tmp_path / f"{donor}.state.json").write_text("{}")
-    reuse = {Path(a.out).name: [Path(r).name for r in a.reuse] for a in map(flags, queue())}
+    reuse = {Path(a.out).name: [Path(r).name for r in a.reuse] for a in map(flags, queue(CHEAP_FIRST="0"))}
     assert reuse["eval-v6-l2aa"] == ["eval-v6-leekim.state.json"]  # its l2 prefilter and PGD-200
     assert reuse["eval-atop-at-l2aa"] == ["eval-atop-at-leekim.state.json"]
     assert reuse["eval-atop-at-linf4"] == ["unseen-atopat-linf4.state.json"]
@@ -729,7 +767,7 @@ def test_the_full_evaluation_recipe_queues_valid_commands_in_order(tmp_path):
     assert flags(next(x for x in queue() if "eval-atop-at-l2aa " in x)).prefilter == (50, 8, ("flow",))
     (tmp_path / "eval-v6-leekim.json").write_text("{}")
     (tmp_path / "eval-ap-v6-leekim.state.json").write_text("{}")
-    skipped = queue()
+    skipped = queue(CHEAP_FIRST="0")
     assert "[eval-v6-leekim] done, skipping" in skipped and len(skipped) == 16
     partials = [line for line in queue(PARTIAL="1") if line.startswith("atop eval")]
     # the runs with a state file and no JSON (eval-v6-leekim has its JSON now)

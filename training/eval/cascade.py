@@ -367,10 +367,13 @@ def run_attacks(
     seed: int,
     batch_size: int,
     finished_only: bool = False,
+    max_cost: int | None = None,
 ) -> list[Outcome]:
     """Run ``specs`` in order (cascading within a threat model), resuming from ``state``.
     ``finished_only``: attack nothing; the outcomes of the attacks ``state`` has finished (an
-    attack of a cascade after an unfinished one is left out too: its images are not known)."""
+    attack of a cascade after an unfinished one is left out too: its images are not known).
+    ``max_cost``: run only the attacks of at most that many gradient passes per image (steps x
+    EOT); one above it is left for a later run, and so is the rest of its cascade."""
     worst: dict[tuple, Scores] = {}
     history: dict[tuple, list[AttackSpec]] = {}
     blocked: set[tuple] = set()
@@ -381,14 +384,15 @@ def run_attacks(
         before = ",".join(e.key for e in earlier)
         base = worst.get(spec.threat, clean) if spec.cascade else clean
         key = f"{name}/{spec.key}/after:{before}"
+        if spec.cascade and spec.threat in blocked:
+            continue
+        if max_cost is not None and spec.steps * spec.eot > max_cost:
+            blocked |= {spec.threat} if spec.cascade else set()
+            continue
         if finished_only:
             sec = state.peek(key)
             n_chunks = -(-len(sec.get("targets", [])) // batch_size)
-            if (
-                (spec.cascade and spec.threat in blocked)
-                or "targets" not in sec
-                or len(sec["done"]) < n_chunks
-            ):
+            if "targets" not in sec or len(sec["done"]) < n_chunks:
                 blocked |= {spec.threat} if spec.cascade else set()
                 continue
         sec = state.section(key)

@@ -32,7 +32,7 @@ from training.checkpoint import atomic_path
 from training.data import DATA_HELP
 from training.eval import protocol
 from training.eval.attacks import ATTACKS
-from training.eval.evaluate import CLEAN_BLOCK, evaluate, partial_report
+from training.eval.evaluate import CLEAN_BLOCK, attack_cheap, evaluate, partial_report
 from training.eval.plot import report_png
 from training.eval.record import merge_robust, record
 from training.eval.report import markdown, svg_plot
@@ -78,6 +78,7 @@ class EvalConfig:
     force: bool = False  # allow EOT 1 on a randomized model
     record: bool = False
     partial: bool = False  # report the attacks the state file has finished, attack nothing
+    prefilter_only: bool = False  # run the attacks no costlier than the prefilter, then report as partial
     reuse: tuple[str, ...] = ()  # state files of the same evaluation whose finished sections are copied in
     serve_samples: bool = False  # with record: the new version answers with `samples` draws by default
 
@@ -139,6 +140,13 @@ def run(cfg: EvalConfig) -> dict:
     target = build_target(cfg)
     paths = output_paths(cfg.out)
     if cfg.partial:
+        return _partial(cfg, target, paths)
+    if cfg.prefilter_only:
+        if paths is None or cfg.record:
+            raise ValueError(
+                "--prefilter-only keeps its work in the state file of --out OUT; it cannot --record"
+            )
+        attack_cheap(cfg, target, build_protocol(cfg), paths[".state.json"])
         return _partial(cfg, target, paths)
     result = evaluate(cfg, target, build_protocol(cfg), paths and paths[".state.json"])
     result |= {"config": asdict(cfg)}
@@ -378,6 +386,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="attack nothing: report what the run's state file (OUT.state.json) has finished so far, to "
         "OUT.partial.json/.md, with the same flags as the run; safe beside the running evaluation",
+    )
+    a(
+        "--prefilter-only",
+        action="store_true",
+        help="run only the attacks that cost no more per image than --prefilter (the prefilter, and an"
+        " FGSM before it) into OUT.state.json, then write OUT.partial.json/.md as --partial does: an upper"
+        " bound within a fraction of the run's time; the same command without this flag goes on from there",
     )
     a("--strict", action="store_true", help="exit 3 if a sanity check fails")
     a("--estimate", action="store_true", help="measure per-image costs, print the protocol's wall time, exit")

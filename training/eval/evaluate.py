@@ -340,6 +340,22 @@ def evaluate(cfg, target: Target, proto: Protocol, state_path: Path | None) -> d
         return _attack(cfg, target, run, t0)
 
 
+def attack_cheap(cfg, target: Target, proto: Protocol, state_path: Path) -> None:
+    """``--prefilter-only``: the run's attacks that cost no more per image than its prefilter
+    (the prefilter itself, and the FGSM a preset puts before it), into its state file, and
+    nothing else: a costly attack and the rest of its cascade are left for the run proper, which
+    resumes from the same state. What they leave is an upper bound on what the run will report
+    (the partial report shows it), known in a fraction of the run's time."""
+    if proto.prefilter is None:
+        raise ValueError("--prefilter-only needs --prefilter (the cheap attack it runs)")
+    run = _start(cfg, target, proto, state_path)
+    steps, eot = proto.prefilter
+    with run.state.claimed():
+        clean = clean_scores(run.scorer, run.x, run.y, run.state, "main", cfg.seed, cfg.batch_size)
+        kw = dict(seed=cfg.seed, batch_size=cfg.batch_size, max_cost=steps * (eot if run.detected else 1))
+        run_attacks(run.proto.attacks, target, run.x, run.y, clean, run.scorer, run.state, name="main", **kw)
+
+
 def _attack(cfg, target: Target, run: _Run, t0: float) -> dict:
     proto, x, y, state, scorer = run.proto, run.x, run.y, run.state, run.scorer
     n = len(y)
