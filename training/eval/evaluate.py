@@ -354,6 +354,7 @@ def attack_cheap(cfg, target: Target, proto: Protocol, state_path: Path) -> None
         clean = clean_scores(run.scorer, run.x, run.y, run.state, "main", cfg.seed, cfg.batch_size)
         kw = dict(seed=cfg.seed, batch_size=cfg.batch_size, max_cost=steps * (eot if run.detected else 1))
         run_attacks(run.proto.attacks, target, run.x, run.y, clean, run.scorer, run.state, name="main", **kw)
+        run.state.save()  # sections taken whole from --reuse states leave nothing else to write it
 
 
 def _attack(cfg, target: Target, run: _Run, t0: float) -> dict:
